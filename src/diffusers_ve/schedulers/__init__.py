@@ -1,0 +1,3 @@
+from .scheduling_ve import VEScheduler
+
+__all__ = ["VEScheduler"]
