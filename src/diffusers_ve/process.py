@@ -95,7 +95,10 @@ def log_t_from_betas(betas: torch.Tensor, rescale_betas_zero_snr: bool = False) 
         betas = rescale_zero_terminal_snr(betas)
     t = torch.expm1(-torch.cumsum(torch.log1p(-betas), 0))
     if rescale_betas_zero_snr:
-        t[-1] = (1 - ZERO_SNR_ABAR) / ZERO_SNR_ABAR
+        # t_{K-1} = inf: clamp abar_{K-1} to 2^-24 as EulerDiscrete does; where that would not exceed t_{K-2}
+        # (linear tables; Euler's table is then non-monotone) extrapolate linearly in ln t instead.
+        clamped = (1 - ZERO_SNR_ABAR) / ZERO_SNR_ABAR
+        t[-1] = clamped if clamped > t[-2] else float(t[-2] ** 2 / t[-3])
     log_t = torch.log(t)
     if not bool(torch.isfinite(log_t).all()) or not bool((log_t[1:] > log_t[:-1]).all()):
         raise ValueError("the beta table must give finite, strictly increasing noise levels t_k.")
