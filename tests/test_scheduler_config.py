@@ -165,3 +165,16 @@ def test_custom_sigmas_and_timesteps():
     sched.set_timesteps(timesteps=[999, 500.5, 3])
     torch.testing.assert_close(sched.timesteps, torch.tensor([999, 500.5, 3]))
     assert len(sched) == 1000 and sched.init_noise_sigma == 1.0
+
+
+def test_dynamic_thresholding_matches_ddpm():
+    kw = dict(thresholding=True, sample_max_value=3.0, prediction_type="sample", clip_sample=False)
+    sched = VEScheduler(**kw)
+    sched.set_timesteps(3)
+    ddpm = DDPMScheduler(**kw)
+    ddpm.set_timesteps(1000)
+    yhat = torch.linspace(-5, 5, 16).reshape(1, 1, 4, 4)
+    ours = sched.step(yhat, sched.timesteps[0], torch.zeros(1, 1, 4, 4)).pred_original_sample
+    theirs = ddpm.step(yhat, 999, torch.zeros(1, 1, 4, 4)).pred_original_sample
+    torch.testing.assert_close(ours, theirs)
+    assert ours.abs().max() <= 1 + 1e-6 and not torch.allclose(ours, yhat)
