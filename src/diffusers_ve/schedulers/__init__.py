@@ -1,3 +1,4 @@
 from .scheduling_ve import VEScheduler
+from .scheduling_ve_heun import VEHeunScheduler
 
-__all__ = ["VEScheduler"]
+__all__ = ["VEScheduler", "VEHeunScheduler"]

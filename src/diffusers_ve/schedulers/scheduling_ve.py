@@ -225,7 +225,7 @@ class VESchedulerBase(SchedulerMixin, ConfigMixin):
                 f"model output shape {tuple(model_output.shape)} does not match the sample {tuple(sample.shape)} "
                 f"(variance_type={self.config.variance_type!r}: only 'learned'/'learned_range' carry 2x channels)."
             )
-        if not bool(torch.isfinite(model_output).all()):
+        if not bool(torch.isfinite(model_output.sum(dtype=torch.float32))):  # one reduction: NaN/inf propagate
             raise ValueError("the model output has non-finite values (NaN or inf); check the model and its dtype.")
         z = process.ve_from_vp(sample.to(dtype), t)
         yhat = process.yhat_from_output(model_output.to(dtype), z, t, self.config.prediction_type)

@@ -1,0 +1,167 @@
+"""``VEHeunScheduler``: the exponential Heun step (math.md §3 b5) for any reverse-noise level lambda."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 (diffusers' loader looks it up here)
+
+from .. import process
+from .scheduling_ve import VESchedulerBase, VESchedulerOutput
+
+
+class VEHeunScheduler(VESchedulerBase):
+    """Reverse VE diffusion with reverse-noise level lambda, second order by a predictor-corrector (Heun) step.
+
+    Each step ``t -> s`` costs two model calls. The predictor is the exact-linear step of ``VEScheduler``
+    (``z~ = A z_t + (1 - A) yhat_t + sqrt(V) xi``); the corrector takes ``yhat`` linear in ``ln t`` between
+    ``yhat_t`` and ``yhat(z~, s)`` and integrates it exactly: ``z_s = z~ + w (yhat(z~, s) - yhat_t)`` with
+    ``w = 1 - (1 - A) / (c h)``, ``c = (1 + lambda) / 2``, ``h = ln(t / s)``, and the same noise ``xi``.
+    The last step, to ``t = 0``, is one call that returns ``yhat``.
+
+    At lambda = 0 this is the *exponential* Heun step, not EDM's Heun in sigma (``HeunDiscreteScheduler``):
+    the predictor and the timestep layout are the same, the corrector weight differs (EDM's is
+    ``(1 - r) / (2 r)`` with ``r = sigma_s / sigma_t``); both are second order and converge to the same ODE solution.
+
+    ``timesteps`` are laid out as in ``HeunDiscreteScheduler``: ``[tau_0, tau_1, tau_1, tau_2, tau_2, ...]``, one
+    entry per model call (``2N - 1`` for ``N`` grid points ending at ``t = 0``), and ``order = 2``.
+
+    Args:
+        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr:
+            the model's DDPM beta table (as in ``DDPMScheduler``); it defines the time axis ``t <-> timestep``.
+        prediction_type: what the model predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        reverse_noise: lambda, a finite real >= 0. 0 = probability-flow ODE, 1 = reverse noise equal to the
+            forward noise, larger = more.
+        reverse_noise_window: ``[t_lo, t_hi]`` in VE time or null; lambda is 0 for steps that start outside it.
+        sigma_schedule: the grid: ``"karras"`` (EDM rho-grid in sigma = sqrt(t)), ``"log_t"`` (uniform in ln t) or
+            ``"ddpm"`` (the integer timesteps of ``DDPMScheduler``, laid out by ``timestep_spacing``).
+        rho: the Karras grid exponent.
+        t_min, t_max: VE-time range of the grid (default: the table's ``t_0`` and ``t_{K-1}``).
+        timestep_spacing, steps_offset: diffusers' meaning, read only for ``sigma_schedule="ddpm"``.
+        clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value: applied to yhat,
+            with DDPMScheduler's meaning.
+        variance_type: a DDPM config's variance choice. ``learned``/``learned_range`` drop the variance half of the
+            model output; the ``fixed_*`` values are accepted and replaced by ``reverse_noise``.
+        final_sigmas_type: ``"zero"`` (last step returns yhat, one call) or ``"sigma_min"`` (stop at the table's
+            ``t_0``, a full two-call step).
+        timestep_type: ``"discrete"`` (table index, interpolated in ln t) or ``"continuous"`` (``0.25 ln sigma``).
+    """
+
+    order = 2
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
+        prediction_type: str = "epsilon",
+        reverse_noise: float = 1.0,
+        reverse_noise_window: Optional[Tuple[float, float]] = None,
+        sigma_schedule: str = "karras",
+        rho: float = 7.0,
+        t_min: Optional[float] = None,
+        t_max: Optional[float] = None,
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        variance_type: Optional[str] = None,
+        final_sigmas_type: str = "zero",
+        timestep_type: str = "discrete",
+        rescale_betas_zero_snr: bool = False,
+    ):
+        self._calls: List[Tuple[int, bool]] = []
+        self._reset()
+        self._setup()
+
+    def _layout(self, taus: torch.Tensor) -> torch.Tensor:
+        """One timestep per model call: the predictor at ``t_i``, then (if ``0 < t_{i+1} < t_i``) the corrector
+        at ``t_{i+1}``."""
+        grid = self._t_grid
+        last = self.axis.timestep(torch.tensor(grid[-1], dtype=torch.float64)) if grid[-1] > 0 else None
+        taus = list(taus.unbind()) + [last]
+        self._calls, out = [], []
+        for i in range(len(grid) - 1):
+            self._calls.append((i, False))
+            out.append(taus[i])
+            if 0 < grid[i + 1] < grid[i]:  # no corrector for the exact last step to 0 (or a null step)
+                self._calls.append((i, True))
+                out.append(taus[i + 1])
+        return torch.stack(out)
+
+    def _reset(self):
+        self._pending = None  # (z_t, yhat_t, A, V, noise, lambda) of the step whose corrector is due
+
+    @property
+    def state_in_first_order(self) -> bool:
+        """True when the next ``step`` is a predictor call (as ``HeunDiscreteScheduler``)."""
+        return self._pending is None
+
+    def index_for_timestep(self, timestep) -> int:
+        """Position of ``timestep`` in ``timesteps``; of a repeated pair the second (a predictor), as in diffusers."""
+        first = super().index_for_timestep(timestep)
+        if self._calls[first][1] and first + 1 < len(self._calls):
+            return first + 1  # the corrector ending step i and the predictor starting step i + 1 share a timestep
+        return first
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Union[float, torch.Tensor],
+        sample: torch.Tensor,
+        generator: Union[torch.Generator, List[torch.Generator], None] = None,
+        return_dict: bool = True,
+        variance_noise: Optional[torch.Tensor] = None,
+        **kwargs,
+    ) -> Union[VESchedulerOutput, Tuple]:
+        """One model call's share of a Heun step ``t -> s``: the predictor (even calls) or the corrector.
+
+        Args:
+            model_output: the model's output at (``sample``, ``timestep``), in ``prediction_type`` units.
+            timestep: the current entry of ``timesteps``.
+            sample: the VP sample ``x = z / sqrt(1 + t)`` at the current call's time.
+            generator: a ``torch.Generator`` or a list of them (one per batch element) for the reverse noise,
+                drawn once per step, on the predictor call.
+            return_dict: return a ``SchedulerOutput`` rather than a tuple.
+            variance_noise: standard-normal noise to use instead of drawing it (read on the predictor call).
+            kwargs: DDIMPipeline's ``eta`` (None or 0 only; use ``reverse_noise``) and ``use_clipped_model_output``
+                are accepted and ignored; anything else is a TypeError.
+
+        Returns:
+            ``VESchedulerOutput(prev_sample, pred_original_sample)``: the VP sample at ``s`` (the predictor's
+            ``z~`` after a predictor call, the corrected ``z_s`` after a corrector call) and this call's ``yhat``.
+        """
+        i, corrector = self._calls[self._begin_step(model_output, timestep, sample, kwargs)]
+        t, s = self._t_grid[i], self._t_grid[i + 1]
+        if corrector:
+            if self._pending is None:
+                raise ValueError(
+                    f"timestep index {self._step_index} is a corrector call but no predictor call preceded it; "
+                    "start at an even index (`set_begin_index(k * scheduler.order)`)."
+                )
+            z, yhat_t, a, v, noise, lam = self._pending
+            _, yhat = self._yhat(model_output, sample, s)
+            correction = process.heun_weight(t, s, lam) * (yhat - yhat_t)
+            z_s = process.linear_step(z, yhat_t, a, v, noise, correction)
+            self._pending = None
+        else:
+            z, yhat = self._yhat(model_output, sample, t)
+            lam = self._lambda(t)
+            a, v = process.step_coefficients(t, s, lam)
+            noise = self._noise(z, generator, variance_noise) if v > 0 else None
+            z_s = process.linear_step(z, yhat, a, v, noise)
+            self._pending = (z, yhat, a, v, noise, lam) if 0 < s < t else None
+        self._step_index += 1
+        return self._output(z_s, s, yhat, sample, return_dict)
+
+
+__all__ = ["VEHeunScheduler"]
