@@ -1,0 +1,97 @@
+"""The probability-flow ODE likelihood against closed-form Gaussian-mixture ground truth (math.md §5)."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from diffusers_ve.denoiser import Denoiser
+from diffusers_ve.likelihood import image_generators, make_prior, ode_log_likelihood, prior_log_prob
+
+from .gmm import GaussianMixture, MixtureUNet, image_mixture
+
+
+def mixture_denoiser(mix, prediction_type="epsilon"):
+    sch = DDPMScheduler(prediction_type=prediction_type)
+    return Denoiser.from_scheduler(MixtureUNet.from_mixture(mix, sch.config).double(), sch)
+
+
+def reference(mix, den, y, est, prior):
+    """``ln p_tmin(y)`` plus the prior correction ``ln p_prior(z(T)) - ln p_T(z(T))`` at the solver's latent."""
+    z_t = est.extras["latent"]
+    return mix.log_prob(y, den.axis.t_min) + prior_log_prob(z_t, prior) - mix.log_prob(z_t, den.axis.t_max)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ode_exact_trace_matches_smoothed_density(prediction_type):
+    mix = image_mixture((1, 4, 4))
+    den = mixture_denoiser(mix, prediction_type)
+    y = mix.sample(6, generator=torch.Generator().manual_seed(0))
+    est = ode_log_likelihood(den, y, image_generators(0, range(6)))  # default tolerance, exact trace (d = 16)
+    ref = reference(mix, den, y, est, make_prior("vp", den.axis.t_max))
+    err = (est.log_likelihood - ref).abs() / mix.dim
+    print(f"max error {float(err.max()):.2e} nats/dim at {est.nfe.float().mean():.0f} calls")
+    assert float(err.max()) < 1e-3
+    assert est.stderr.abs().max() == 0
+    loose = ode_log_likelihood(den, y, image_generators(0, range(6)), rtol=1e-2, atol=1e-2)
+    assert loose.nfe.sum() < est.nfe.sum()  # the tolerance is per image and does cost calls
+
+
+def test_single_gaussian_is_tight_and_latent_is_closed_form():
+    mu, s2 = torch.full((1, 1, 3, 3), -0.2, dtype=torch.float64), 0.09
+    mix = GaussianMixture(mu, [math.sqrt(s2)])
+    den = mixture_denoiser(mix)
+    y = mix.sample(3, generator=torch.Generator().manual_seed(1))
+    lo, hi = den.axis.t_min, den.axis.t_max
+    est = ode_log_likelihood(den, y, image_generators(0, range(3)), rtol=1e-7, atol=1e-7, prior="ve")
+    z_t = mu + math.sqrt((s2 + hi) / (s2 + lo)) * (y - mu)  # the flow of a Gaussian is a scaling about mu
+    assert torch.allclose(est.extras["latent"], z_t, rtol=1e-5, atol=1e-5)
+    ref = reference(mix, den, y, est, make_prior("ve", hi))
+    assert float((est.log_likelihood - ref).abs().max()) < 1e-5 * mix.dim
+
+
+def test_hutchinson_within_its_standard_error():
+    mix = image_mixture((1, 4, 4))
+    den = mixture_denoiser(mix)
+    y = mix.sample(6, generator=torch.Generator().manual_seed(2))
+    exact = ode_log_likelihood(den, y, image_generators(0, range(6)))
+    hutch = ode_log_likelihood(den, y, image_generators(0, range(6)), trace="hutchinson", num_probes=8)
+    diff, se = hutch.log_likelihood - exact.log_likelihood, hutch.stderr
+    print("z-scores:", (diff / se).tolist())
+    assert bool((se > 0).all())
+    assert abs(float(diff.mean())) < 3 * float(se.pow(2).sum().sqrt()) / len(y)
+
+
+def test_fixed_steps_converge():
+    mix = image_mixture((1, 2, 2))
+    den = mixture_denoiser(mix)
+    y = mix.sample(4, generator=torch.Generator().manual_seed(3))
+    ref = ode_log_likelihood(den, y, image_generators(0, range(4)), rtol=1e-8, atol=1e-8).log_likelihood
+    errs = [float((ode_log_likelihood(den, y, image_generators(0, range(4)), solver="fixed", num_steps=n)
+                   .log_likelihood - ref).abs().max()) for n in (8, 32)]
+    assert errs[1] < errs[0] / 4 and errs[1] < 0.05
+
+
+def test_per_image_error_control_makes_batches_irrelevant():
+    mix = image_mixture((1, 4, 4))
+    den = mixture_denoiser(mix)
+    y = mix.sample(4, generator=torch.Generator().manual_seed(4))
+    together = ode_log_likelihood(den, y, image_generators(5, range(4)), trace="hutchinson", num_probes=2)
+    alone = [ode_log_likelihood(den, y[i:i + 1], image_generators(5, [i]), trace="hutchinson", num_probes=2)
+             for i in range(4)]
+    assert torch.allclose(together.log_likelihood, torch.cat([a.log_likelihood for a in alone]), rtol=0, atol=1e-6)
+    assert together.nfe.tolist() == [int(a.nfe) for a in alone]
+
+
+def test_bad_arguments():
+    mix = image_mixture((1, 2, 2))
+    den = mixture_denoiser(mix)
+    y = mix.sample(1)
+    gens = image_generators(0, [0])
+    for kwargs in ({"trace": "magic"}, {"solver": "rk4"}, {"rtol": 0.0}, {"variable": "tau"},
+                   {"t_min": 1.0, "t_max": 0.5}, {"t_max": 1e9}):
+        with pytest.raises(ValueError):
+            ode_log_likelihood(den, y, gens, **kwargs)
+    with pytest.raises(ValueError, match="generators"):
+        ode_log_likelihood(den, y, image_generators(0, [0, 1]))
