@@ -14,6 +14,8 @@ import diffusers_ve
 from diffusers_ve.evaluate import evaluate, open_data
 from diffusers_ve.mixture import MixtureUNet, digits_mixture
 
+from .launch import accelerate_launch
+
 N = 10
 ARGS = ["--num-levels", "17", "--num-t-samples", "16", "--seed", "4"]
 
@@ -66,8 +68,7 @@ def test_resume_after_a_kill_and_two_processes(setup, tmp_path):
     assert not (tmp_path / "r" / "summary.json").exists()
     resumed = run_cli([*common, "--output-dir", str(tmp_path / "r"), "--batch-size", "4"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher = accelerate_launch(2)
     two = run_cli([*common, "--output-dir", str(tmp_path / "two"), "--batch-size", "3"], launcher)
     assert two.returncode == 0, two.stderr[-3000:]
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())

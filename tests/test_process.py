@@ -118,10 +118,12 @@ def test_exact_step_is_exact_for_a_point_mass():
 def test_heun_and_multistep_weights_limits():
     assert process.multistep_weight(2.0, 1.0, 4.0, 0.0) == pytest.approx(0.5 * (1 - math.sqrt(0.5)))
     assert process.multistep_weight(2.0, 0.0, 4.0, 0.0) == 0.0
-    # Heun weight -> 1/2 of the frozen-yhat step's (1 - A) as steps shrink: consistent second order
-    h = 1e-5
-    w = process.heun_weight(1.0, math.exp(-h), 1.0)
-    assert w == pytest.approx(0.5 * h, rel=1e-3)
+    # Heun weight: w = 1 - (1 - A)/(c h) = c h/2 - (c h)^2/6 + ...; accurate (no cancellation) down to tiny steps
+    for h in [1e-1, 1e-3, 1e-5, 1e-6, 1e-9, 1e-13]:
+        x = h  # c = 1 at lambda = 1
+        exact = sum((-1) ** (n + 1) * x**n / math.factorial(n + 1) for n in range(1, 30))  # series of 1 - (1-e^-x)/x
+        assert process.heun_weight(1.0, math.exp(-h), 1.0) == pytest.approx(exact, rel=1e-9)
+    assert process.heun_weight(1.0, 1e-3, 0.0) == pytest.approx(1 - (1 - math.sqrt(1e-3)) / (0.5 * math.log(1e3)))
 
 
 def test_grids():

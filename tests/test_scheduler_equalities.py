@@ -110,10 +110,18 @@ def test_agrees_with_stock_float32_schedulers(sched_cls, lam, kw):
 
 
 def test_order2_first_and_last_steps_are_exact_steps():
-    """2M with a single step is the exact step; the last step lands on yhat (t = 0)."""
-    unet, x, _ = _setup("epsilon", 1)
-    ve = VEScheduler(reverse_noise=0.0, solver_order=2)
-    ve.set_timesteps(1)
-    tau = ve.timesteps[0]
-    out = ve.step(unet(x, tau).sample, tau, x)
-    torch.testing.assert_close(out.prev_sample, out.pred_original_sample)
+    """2M has no history on its first step and lands on yhat at t = 0: both steps equal the order-1 steps."""
+    unet, x, noises = _setup("epsilon", 3)
+    outs = []
+    for order in (1, 2):
+        ve = VEScheduler(reverse_noise=0.5, solver_order=order)
+        ve.set_timesteps(3)
+        xi, steps = x, []
+        for i, tau in enumerate(ve.timesteps):
+            steps.append(ve.step(unet(xi, tau).sample, tau, xi, variance_noise=noises[i]))
+            xi = steps[-1].prev_sample
+        outs.append(steps)
+    first1, first2 = outs[0][0].prev_sample, outs[1][0].prev_sample
+    torch.testing.assert_close(first2, first1, rtol=0, atol=0)
+    assert (outs[1][1].prev_sample - outs[0][1].prev_sample).abs().max() > 1e-4  # the middle step is 2M
+    torch.testing.assert_close(outs[1][2].prev_sample, outs[1][2].pred_original_sample, rtol=0, atol=0)

@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from .launch import accelerate_launch
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "train_ve.py"
 FAST = ["--model_config", "tiny", "--logger", "none", "--no_final_eval", "--save_images_epochs", "0",
@@ -141,8 +143,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, run, script, monkeypat
 
 def test_two_processes(tmp_path):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), "--output_dir", str(tmp_path), *FAST,
+    cmd = [*accelerate_launch(2), str(SCRIPT), "--output_dir", str(tmp_path), *FAST,
            "--max_train_steps", "3", "--checkpointing_steps", "2"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=str(ROOT))
     assert res.returncode == 0, res.stderr[-3000:]

@@ -43,10 +43,13 @@ class Denoiser(torch.nn.Module):
         return cls(model, process.TimeAxis.from_config(cfg), ptype, learned)
 
     def model_output(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Raw model output (``prediction_type`` units) at VE ``(z, t)``; ``t`` of shape (B,) or a scalar."""
-        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(z.shape[0])
+        """Raw model output (``prediction_type`` units) at VE ``(z, t)``; ``t`` of shape (B,) or a scalar.
+
+        The VP input is formed in at least float32 (``1 + t`` overflows half precision), then cast to the model's dtype.
+        """
+        t = self._t(t, z)
         dtype = getattr(self.model, "dtype", z.dtype)
-        x = process.vp_from_ve(z, t.to(z.device, z.dtype))
+        x = process.vp_from_ve(z.to(process.compute_dtype(z)), t)
         tau = self.axis.timestep(t).to(z.device, torch.float32)  # float tensors: a Python float is cast to long
         out = self.model(x.to(dtype), tau)
         out = getattr(out, "sample", out)
@@ -60,10 +63,16 @@ class Denoiser(torch.nn.Module):
                 f"the model returned shape {tuple(out.shape)} for input {tuple(z.shape)}; a model with learned "
                 "variance (2x channels) needs `variance_type='learned'` in the scheduler config."
             )
-        return out.to(z.dtype)
+        return out
 
     def forward(self, z: torch.Tensor, t) -> torch.Tensor:
-        """``yhat(z, t) = E[y | z(t) = z]`` in VE data space, in ``z``'s dtype."""
-        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(z.shape[0])
-        out = self.model_output(z, t)
-        return process.yhat_from_output(out, z, t.to(z.device, z.dtype), self.prediction_type)
+        """``yhat(z, t) = E[y | z(t) = z]`` in VE data space, in ``z``'s dtype (computed in at least float32)."""
+        t = self._t(t, z)
+        cd = process.compute_dtype(z)
+        out = self.model_output(z, t).to(cd)
+        return process.yhat_from_output(out, z.to(cd), t.to(cd), self.prediction_type).to(z.dtype)
+
+    @staticmethod
+    def _t(t, z):
+        """``t`` as float64 (B,) on ``z``'s device."""
+        return torch.as_tensor(t, dtype=torch.float64).to(z.device).reshape(-1).expand(z.shape[0])

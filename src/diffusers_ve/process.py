@@ -105,6 +105,12 @@ def log_t_from_betas(betas: torch.Tensor, rescale_betas_zero_snr: bool = False) 
     return log_t
 
 
+def _float64(x) -> torch.Tensor:
+    """float64 tensor on CUDA if ``x`` is there (no device round trip, no sync), else on the CPU."""
+    x = torch.as_tensor(x).detach()
+    return x.to(x.device if x.device.type == "cuda" else "cpu", torch.float64)
+
+
 def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
     """Piecewise-linear interpolation (float64, clamped to the ends), as ``np.interp``."""
     x = x.clamp(xp[0], xp[-1])
@@ -159,20 +165,21 @@ class TimeAxis:
         return torch.sigmoid(-self.log_t)
 
     def t(self, timestep) -> torch.Tensor:
-        """VE ``t`` (float64, CPU) for model timesteps (integer or fractional)."""
-        tau = torch.as_tensor(timestep).detach().to("cpu", torch.float64)
+        """VE ``t`` (float64) for model timesteps (integer or fractional), on the input's device (CUDA) or CPU."""
+        tau = _float64(timestep)
         if self.continuous:
             return torch.exp(8.0 * tau)
-        k = torch.arange(len(self.log_t), dtype=torch.float64)
-        return torch.exp(_interp(tau, k, self.log_t))
+        log_t = self.log_t.to(tau.device)
+        return torch.exp(_interp(tau, torch.arange(len(log_t), dtype=torch.float64, device=tau.device), log_t))
 
     def timestep(self, t) -> torch.Tensor:
-        """Model timestep (float64, CPU) for VE ``t``: linear in ``ln t`` between table entries, clamped."""
-        log_t = torch.log(torch.as_tensor(t).detach().to("cpu", torch.float64))
+        """Model timestep (float64, input's device or CPU) for VE ``t``: linear in ``ln t`` between table entries,
+        clamped to the table."""
+        log_t = torch.log(_float64(t))
         if self.continuous:
             return log_t / 8.0
-        k = torch.arange(len(self.log_t), dtype=torch.float64)
-        return _interp(log_t, self.log_t, k)
+        table = self.log_t.to(log_t.device)
+        return _interp(log_t, table, torch.arange(len(table), dtype=torch.float64, device=log_t.device))
 
     def check_range(self, t_lo: float, t_hi: float, name: str = "t range", rtol: float = 1e-6) -> None:
         """ValueError unless ``t_min <= t_lo < t_hi <= t_max`` of the table (the model was never trained outside)."""
@@ -192,6 +199,11 @@ class TimeAxis:
 
 
 # ------------------------------------------------------------------------------------ VP <-> VE, units
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the process maths runs in for ``x``: float64 stays, anything narrower is lifted to float32."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _per_sample(t: TLike, like: torch.Tensor) -> TLike:
     """Broadcast a per-sample ``t`` of shape (B,) against ``like`` of shape (B, ...); floats pass through."""
     if isinstance(t, torch.Tensor):
@@ -277,9 +289,8 @@ def heun_weight(t: float, s: float, reverse_noise: float) -> float:
     """Weight on ``yhat(z~, s) - yhat(z, t)`` in the exponential Heun corrector (b5): ``1 - (1 - A) / (c h)``."""
     if s == 0 or s == t:
         return 0.0
-    a, _ = step_coefficients(t, s, reverse_noise)
-    c, h = 0.5 * (1 + reverse_noise), math.log(t / s)
-    return 1 - (1 - a) / (c * h) if c * h > 1e-12 else 0.5 * c * h  # series for tiny steps
+    x = 0.5 * (1 + reverse_noise) * math.log(t / s)  # c h; 1 - A = -expm1(-x)
+    return 1 + math.expm1(-x) / x if x > 1e-4 else x / 2 - x * x / 6 + x**3 / 24  # series: no cancellation
 
 
 def linear_step(

@@ -216,7 +216,7 @@ class VESchedulerBase(SchedulerMixin, ConfigMixin):
 
     def _yhat(self, model_output: torch.Tensor, sample: torch.Tensor, t: float):
         """VP sample + model output at VE time ``t`` -> (VE ``z``, ``yhat``) in the compute dtype."""
-        dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        dtype = process.compute_dtype(sample)
         c = sample.shape[1]
         if model_output.shape[1] == 2 * c and self.config.variance_type in ("learned", "learned_range"):
             model_output = model_output[:, :c]
@@ -258,21 +258,21 @@ class VESchedulerBase(SchedulerMixin, ConfigMixin):
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """VP ``x = (y + sqrt(t) eps) / sqrt(1 + t)`` at model timesteps (integer or fractional)."""
         t = self._t_of(timesteps, original_samples)
-        dtype = _compute_dtype(original_samples)
+        dtype = process.compute_dtype(original_samples)
         z = process.noisy(original_samples.to(dtype), noise.to(dtype), t)
         return process.vp_from_ve(z, t).to(original_samples.dtype)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """The v-prediction target for clean ``sample`` and ``noise`` at model timesteps."""
         t = self._t_of(timesteps, sample)
-        dtype = _compute_dtype(sample)
+        dtype = process.compute_dtype(sample)
         return process.velocity(sample.to(dtype), noise.to(dtype), t).to(sample.dtype)
 
     def _t_of(self, timesteps, like):
         t = self.axis.t(torch.as_tensor(timesteps).reshape(-1))
         if t.numel() == 1:
             t = t.expand(like.shape[0])
-        return t.to(like.device, _compute_dtype(like))
+        return t.to(like.device, process.compute_dtype(like))
 
 
 class VEScheduler(VESchedulerBase):
@@ -299,7 +299,8 @@ class VEScheduler(VESchedulerBase):
             with DDPMScheduler's meaning.
         variance_type: a DDPM config's variance choice. ``learned``/``learned_range`` drop the variance half of the
             model output; the ``fixed_*`` values are accepted and replaced by ``reverse_noise``.
-        final_sigmas_type: ``"zero"`` (last step returns yhat) or ``"sigma_min"`` (stop at the table's ``t_0``).
+        final_sigmas_type: ``"zero"`` (last step returns yhat) or ``"sigma_min"`` (stop at the table's ``t_0``; as in
+            ``EulerDiscreteScheduler``, a grid that already ends there gets a null step t_0 -> t_0).
         timestep_type: ``"discrete"`` (table index, interpolated in ln t) or ``"continuous"`` (``0.25 ln sigma``).
     """
 
@@ -377,10 +378,6 @@ class VEScheduler(VESchedulerBase):
         self._history = (t, yhat)
         self._step_index += 1
         return self._output(z_s, s, yhat, sample, return_dict)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _check_choice(name, value, allowed):

@@ -46,7 +46,7 @@ class VEHeunScheduler(VESchedulerBase):
         variance_type: a DDPM config's variance choice. ``learned``/``learned_range`` drop the variance half of the
             model output; the ``fixed_*`` values are accepted and replaced by ``reverse_noise``.
         final_sigmas_type: ``"zero"`` (last step returns yhat, one call) or ``"sigma_min"`` (stop at the table's
-            ``t_0``, a full two-call step).
+            ``t_0``; as in ``EulerDiscreteScheduler``, a grid that already ends there gets a one-call null step).
         timestep_type: ``"discrete"`` (table index, interpolated in ln t) or ``"continuous"`` (``0.25 ln sigma``).
     """
 
