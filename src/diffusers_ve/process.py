@@ -328,6 +328,16 @@ def log_t_grid(t_min: float, t_max: float, n: int) -> list[float]:
     return [math.exp(x) for x in np.linspace(math.log(t_max), math.log(t_min), n)]
 
 
+def stratified_t(t_min: float, t_max: float, u: torch.Tensor, strata: torch.Tensor, n: int) -> torch.Tensor:
+    """VE times log-uniform on ``[t_min, t_max]``, one per stratum: ``ln t = ln t_min + (j + u) / n * ln(t_max/t_min)``.
+
+    ``u`` in [0, 1) and stratum indices ``strata`` (0..n-1) broadcast; float64, on ``u``'s device. With a
+    random permutation of ``range(n)`` as ``strata`` it is the stratified draw of math.md §4.3.
+    """
+    lo = math.log(t_min)
+    return torch.exp(lo + (strata.to(u) + u) / n * (math.log(t_max) - lo))
+
+
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 

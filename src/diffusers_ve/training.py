@@ -95,8 +95,8 @@ class Objective:
             tau = torch.floor(u * self.axis.num_train_timesteps).clamp(max=self.axis.num_train_timesteps - 1)
             return self.axis.t(tau), tau
         if self.weighting == "likelihood":  # stratified: one point per 1/n of [ln t_min, ln t_max], shuffled
-            strata = torch.randperm(n, generator=generator).to(torch.float64)
-            log_t = lo + (strata + u) / n * (hi - lo)
+            strata = torch.randperm(n, generator=generator)
+            log_t = process.stratified_t(self.axis.t_min, self.axis.t_max, u, strata, n).log()
         else:  # truncated normal in ln sigma = ln(t) / 2, by the inverse CDF
             norm = torch.distributions.Normal(torch.tensor(self.p_mean, dtype=torch.float64),
                                               torch.tensor(self.p_std, dtype=torch.float64))

@@ -178,7 +178,8 @@ def _integral_terms(denoiser, ym, eps, jit, log_edges, k: int, batch_size: int, 
     span, dev = float(log_edges[-1] - log_edges[0]), ym.device
     s_of = torch.arange(k, device=dev) // 2
     ek = torch.stack([eps, radial_antithesis(eps)], 2).reshape(b, 2 * m, *shape)[:, :k]
-    tk = (log_edges[:-1] + jit * (span / m)).exp()[:, s_of]  # (B, K)
+    lo, hi = float(log_edges[0].exp()), float(log_edges[-1].exp())
+    tk = process.stratified_t(lo, hi, jit, torch.arange(m, device=dev), m)[:, s_of]  # (B, K)
     z = process.noisy(ym[:, s_of].reshape(b * k, *shape), ek.reshape(b * k, *shape), tk.reshape(-1))
     yhat = chunked(lambda zz, tt: denoiser(zz, tt).to(torch.float64), z, tk.reshape(-1), batch_size)
     epshat = process.output_from_yhat(yhat, z, tk.reshape(-1), "epsilon").reshape(b, k, -1)
