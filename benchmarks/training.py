@@ -40,7 +40,7 @@ def plain_worker(args):
     from accelerate import Accelerator
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from diffusers_ve.training import ShardedEpochSampler, load_digits_images
+    from diffusers_ve.data import ShardedEpochSampler, load_digits_images
 
     acc = Accelerator(mixed_precision="no")
     torch.manual_seed(0)

@@ -117,18 +117,18 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, run, script, monkeypat
     run(tmp_path / "a", *args)
     ref = losses(tmp_path / "a")
 
-    commit = script.T.commit_checkpoint
+    commit = script.ckpt.commit_checkpoint
 
     def killed(tmp, final, state):
         if final.endswith("checkpoint-6"):
             raise KeyboardInterrupt("killed mid-save")
         return commit(tmp, final, state)
 
-    monkeypatch.setattr(script.T, "commit_checkpoint", killed)
+    monkeypatch.setattr(script.ckpt, "commit_checkpoint", killed)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b", *args)
-    monkeypatch.setattr(script.T, "commit_checkpoint", commit)
-    assert script.T.list_checkpoints(str(tmp_path / "b")) == [3]
+    monkeypatch.setattr(script.ckpt, "commit_checkpoint", commit)
+    assert script.ckpt.list_checkpoints(str(tmp_path / "b")) == [3]
     assert any(".tmp-" in n for n in os.listdir(tmp_path / "b"))  # the partial save is there, and ignored
     run(tmp_path / "b", *args, "--resume_from_checkpoint", "latest")
     resumed = losses(tmp_path / "b")[-5:]

@@ -9,10 +9,9 @@ import torch
 from PIL import Image
 
 from diffusers_ve import process
-from diffusers_ve.training import (
-    ImageTransform, Objective, OutputDirLock, ShardedEpochSampler, commit_checkpoint, list_checkpoints,
-    load_digits_images, resolve_checkpoint,
-)
+from diffusers_ve.checkpointing import OutputDirLock, commit_checkpoint, list_checkpoints, resolve_checkpoint
+from diffusers_ve.data import ImageTransform, ShardedEpochSampler, load_digits_images
+from diffusers_ve.training import Objective
 from .gmm import MixtureUNet, image_mixture
 
 AXIS = process.TimeAxis.from_config({"num_train_timesteps": 1000, "beta_schedule": "linear"})

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 import diffusers_ve
+from diffusers_ve import checkpointing as ckpt
+from diffusers_ve import data as ve_data
 from diffusers_ve import training as T
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -34,7 +36,7 @@ LAMBDA_SWEEP = (0.0, 0.5, 1.0, 2.0)
 # flags left at None take these defaults: the built-in digits preset, or train_unconditional's for image data
 DIGITS_DEFAULTS = dict(model_config="small", resolution=8, train_batch_size=64, max_train_steps=1500,
                        learning_rate=2e-3, lr_warmup_steps=100, use_ema=True, ema_max_decay=0.999,
-                       save_images_epochs=20, num_levels=T.DIGITS_LEVELS, eval_fraction=0.1)
+                       save_images_epochs=20, num_levels=ve_data.DIGITS_LEVELS, eval_fraction=0.1)
 IMAGE_DEFAULTS = dict(model_config="cifar", resolution=64, train_batch_size=16, num_epochs=100, learning_rate=1e-4,
                       lr_warmup_steps=500, use_ema=False, ema_max_decay=0.9999, save_images_epochs=10,
                       num_levels=256, eval_fraction=0.01)
@@ -52,7 +54,7 @@ def parse_args(argv=None):
     a("--resolution", type=int, default=None, help="side of the training images (digits: 8)")
     a("--center_crop", action="store_true", help="centre crop (else random crop)")
     a("--random_flip", action="store_true")
-    a("--resample", default="bilinear", choices=T.RESAMPLE, help="resize filter for image data")
+    a("--resample", default="bilinear", choices=ve_data.RESAMPLE, help="resize filter for image data")
     a("--digits_resize", default="pad", choices=("pad", "nearest"), help="digits to --resolution, never interpolated")
     a("--eval_fraction", type=float, default=None, help="held-out share for bits/dim (if the data has no test split)")
     a("--eval_num_images", type=int, default=256, help="held-out images for bits/dim")
@@ -218,20 +220,20 @@ def load_data(args, channels: int):
         if channels != 1:
             raise ValueError(f"the built-in digits are 1-channel grey images but the UNet takes in_channels={channels}; "
                              "use a 1-channel model config (tiny, small) or pass --dataset_name / --train_data_dir.")
-        x = T.load_digits_images(args.resolution, args.digits_resize)
-        train, held = T.split_indices(len(x), args.eval_fraction, seed=0)
+        x = ve_data.load_digits_images(args.resolution, args.digits_resize)
+        train, held = ve_data.split_indices(len(x), args.eval_fraction, seed=0)
         return TensorImages(x[train], args.random_flip, args.seed), x[held][: args.eval_num_images], "sklearn digits (8x8, 17 levels)"
-    tf = T.ImageTransform(args.resolution, channels, args.center_crop, args.random_flip, args.resample)
-    eval_tf = T.ImageTransform(args.resolution, channels, True, False, args.resample)
+    tf = ve_data.ImageTransform(args.resolution, channels, args.center_crop, args.random_flip, args.resample)
+    eval_tf = ve_data.ImageTransform(args.resolution, channels, True, False, args.resample)
     if args.train_data_dir:
-        files = T.list_images(args.train_data_dir)
-        train, held = T.split_indices(len(files), args.eval_fraction, seed=0)
+        files = ve_data.list_images(args.train_data_dir)
+        train, held = ve_data.split_indices(len(files), args.eval_fraction, seed=0)
         train_imgs, held_imgs, name = [files[i] for i in train], [files[i] for i in held], args.train_data_dir
     else:
         train_imgs, held_imgs, name = _hf_images(args)
-    data = T.ImageDataset(train_imgs, tf, args.seed)
+    data = ve_data.ImageDataset(train_imgs, tf, args.seed)
     data[0]  # the channel and format checks, before any training step
-    held = T.ImageDataset(held_imgs, eval_tf)
+    held = ve_data.ImageDataset(held_imgs, eval_tf)
     n = min(len(held), args.eval_num_images)
     return data, (torch.stack([held[i] for i in range(n)]) if n else None), name
 
@@ -252,7 +254,7 @@ def _hf_images(args):
     held_split = next((s for s in ("test", "validation") if s in ds), None)
     if held_split:
         return train[col], ds[held_split][col][: args.eval_num_images], args.dataset_name  # columns decode lazily
-    tr, he = T.split_indices(len(train), args.eval_fraction, seed=0)
+    tr, he = ve_data.split_indices(len(train), args.eval_fraction, seed=0)
     return train.select(tr)[col], train.select(he[: args.eval_num_images])[col], args.dataset_name
 
 
@@ -277,16 +279,16 @@ def save_checkpoint(acc, args, step, gen, fp, run_id):
     acc.wait_for_everyone()
     if acc.is_main_process:
         if args.checkpoints_total_limit:
-            T.prune_checkpoints(args.output_dir, args.checkpoints_total_limit - 1)
-        T.commit_checkpoint(tmp, final, dict(step=step, fingerprint=fp))
+            ckpt.prune_checkpoints(args.output_dir, args.checkpoints_total_limit - 1)
+        ckpt.commit_checkpoint(tmp, final, dict(step=step, fingerprint=fp))
     acc.wait_for_everyone()
 
 
 def load_checkpoint(acc, path, gen, fp):
-    T.check_checkpoint_compatible(T.read_checkpoint_state(path)["fingerprint"], fp, path)
+    ckpt.check_checkpoint_compatible(ckpt.read_checkpoint_state(path)["fingerprint"], fp, path)
     acc.load_state(path)
     gen.set_state(torch.load(os.path.join(path, f"objective_rng_{acc.process_index}.pt")))
-    return T.read_checkpoint_state(path)["step"]
+    return ckpt.read_checkpoint_state(path)["step"]
 
 
 # -------------------------------------------------------------------------------------- evaluation
@@ -374,10 +376,10 @@ def prepare_output_dir(acc, args):
     lock, msg = None, [None, uuid.uuid4().hex[:8]]
     if acc.is_main_process:
         try:
-            lock = T.OutputDirLock(args.output_dir).acquire()
+            lock = ckpt.OutputDirLock(args.output_dir).acquire()
             wipe = args.overwrite_output_dir and not args.resume_from_checkpoint
             for name in os.listdir(args.output_dir):  # partial saves of killed runs, or everything
-                if name != T.OutputDirLock.NAME and (wipe or ".tmp-" in name or name.endswith(".old")):
+                if name != ckpt.OutputDirLock.NAME and (wipe or ".tmp-" in name or name.endswith(".old")):
                     path = os.path.join(args.output_dir, name)
                     shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
         except ValueError as e:
@@ -417,11 +419,11 @@ def train(args, acc, run_id):
     data, held, data_name = load_data(args, unet.config.in_channels)
     objective = T.Objective.from_config(scheduler.config, args.loss_weighting, sigma_data=args.sigma_data)
     fp = fingerprint(args, unet, scheduler, acc.num_processes)
-    resume = T.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    resume = ckpt.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume:  # before any training step: a checkpoint of another configuration is an error
-        T.check_checkpoint_compatible(T.read_checkpoint_state(resume)["fingerprint"], fp, resume)
+        ckpt.check_checkpoint_compatible(ckpt.read_checkpoint_state(resume)["fingerprint"], fp, resume)
 
-    sampler = T.ShardedEpochSampler(len(data), args.train_batch_size, acc.num_processes, acc.process_index,
+    sampler = ve_data.ShardedEpochSampler(len(data), args.train_batch_size, acc.num_processes, acc.process_index,
                                     args.seed, args.gradient_accumulation_steps)
     loader = torch.utils.data.DataLoader(data, batch_size=args.train_batch_size, sampler=sampler,
                                          num_workers=args.dataloader_num_workers)
@@ -517,7 +519,7 @@ def train(args, acc, run_id):
         print(one_line_summary(args, summary), flush=True)
         if args.push_to_hub:
             repo = args.hub_model_id or Path(args.output_dir).name
-            T.push_folder_to_hub(args.output_dir, repo, args.hub_private_repo, args.hub_token)
+            ckpt.push_folder_to_hub(args.output_dir, repo, args.hub_private_repo, args.hub_token)
             print(f"pushed {args.output_dir} to https://huggingface.co/{repo}", flush=True)
     acc.end_training()
     return summary

@@ -9,8 +9,8 @@ from .schedulers.scheduling_ve import VEScheduler
 from .schedulers.scheduling_ve_heun import VEHeunScheduler
 from .pipelines.pipeline_ve import VEPipeline
 from .pipelines.pipeline_ve_likelihood import VELikelihoodPipeline
-from . import training
+from . import checkpointing, data, training
 
 __version__ = "0.1.0"
 
-__all__ = ["VEScheduler", "VEHeunScheduler", "VEPipeline", "VELikelihoodPipeline", "process", "training"]
+__all__ = ["VEScheduler", "VEHeunScheduler", "VEPipeline", "VELikelihoodPipeline", "process", "training", "data", "checkpointing"]

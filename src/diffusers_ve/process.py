@@ -42,6 +42,13 @@ def check_reverse_noise(value, name: str = "reverse_noise") -> float:
     return lam
 
 
+def check_choice(name: str, value, allowed):
+    """ValueError naming the argument unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {allowed}; got {value!r}.")
+    return value
+
+
 def check_prediction_type(prediction_type: str) -> str:
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}; got {prediction_type!r}.")

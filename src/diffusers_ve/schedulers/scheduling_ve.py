@@ -61,10 +61,10 @@ class VESchedulerBase(SchedulerMixin, ConfigMixin):
         self.reverse_noise = process.check_reverse_noise(cfg.reverse_noise)
         self.window = self._check_window(cfg.reverse_noise_window)
         process.check_prediction_type(cfg.prediction_type)
-        _check_choice("sigma_schedule", cfg.sigma_schedule, SIGMA_SCHEDULES)
-        _check_choice("timestep_spacing", cfg.timestep_spacing, process.TIMESTEP_SPACINGS)
-        _check_choice("variance_type", cfg.variance_type, VARIANCE_TYPES)
-        _check_choice("final_sigmas_type", cfg.final_sigmas_type, FINAL_SIGMAS_TYPES)
+        process.check_choice("sigma_schedule", cfg.sigma_schedule, SIGMA_SCHEDULES)
+        process.check_choice("timestep_spacing", cfg.timestep_spacing, process.TIMESTEP_SPACINGS)
+        process.check_choice("variance_type", cfg.variance_type, VARIANCE_TYPES)
+        process.check_choice("final_sigmas_type", cfg.final_sigmas_type, FINAL_SIGMAS_TYPES)
         if not (isinstance(cfg.rho, (int, float)) and math.isfinite(cfg.rho) and cfg.rho > 0):
             raise ValueError(f"`rho` must be a finite number > 0; got {cfg.rho!r}.")
         self.axis = process.TimeAxis.from_config(cfg)
@@ -378,11 +378,6 @@ class VEScheduler(VESchedulerBase):
         self._history = (t, yhat)
         self._step_index += 1
         return self._output(z_s, s, yhat, sample, return_dict)
-
-
-def _check_choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {allowed}; got {value!r}.")
 
 
 def _check_decreasing(name, values):
