@@ -178,3 +178,30 @@ def test_dynamic_thresholding_matches_ddpm():
     theirs = ddpm.step(yhat, 999, torch.zeros(1, 1, 4, 4)).pred_original_sample
     torch.testing.assert_close(ours, theirs)
     assert ours.abs().max() <= 1 + 1e-6 and not torch.allclose(ours, yhat)
+
+
+def test_register_to_config_changes_the_sampler_not_only_the_config():
+    """The saved lambda is the lambda that samples: reverse_noise is read from the config at every step."""
+    x = torch.randn(1, 1, 2, 2)
+    runs = {}
+    for lam0 in (0.0, 0.5):
+        sched = VEScheduler(reverse_noise=lam0, solver_order=1)
+        if lam0 == 0.0:
+            sched.register_to_config(reverse_noise=0.5)
+        assert sched.reverse_noise == 0.5
+        sched.set_timesteps(3)
+        runs[lam0] = sched.step(torch.zeros_like(x), sched.timesteps[0], x, generator=torch.Generator().manual_seed(0)).prev_sample
+    torch.testing.assert_close(runs[0.0], runs[0.5], rtol=0, atol=0)
+
+
+def test_from_config_rejects_misspelt_keys():
+    with pytest.raises(TypeError, match="did you mean 'reverse_noise'"):
+        VEScheduler.from_config(DDPMScheduler().config, revers_noise=0.5)
+    with pytest.raises(TypeError, match="eta"):
+        VEScheduler.from_config(DDPMScheduler().config, eta=0.5)
+
+
+@pytest.mark.parametrize("bad", [True, "0.5"])
+def test_reverse_noise_must_be_a_real_number(bad):
+    with pytest.raises(ValueError, match="reverse_noise"):
+        VEScheduler(reverse_noise=bad)

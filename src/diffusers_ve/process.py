@@ -30,8 +30,8 @@ TLike = Union[float, torch.Tensor]
 # ----------------------------------------------------------------------------------------------- checks
 def check_reverse_noise(value, name: str = "reverse_noise") -> float:
     """Validate a reverse-noise level lambda: a finite real number >= 0."""
-    try:
-        lam = float(value)
+    try:  # a real number: not a bool, not a string
+        lam = float("nan") if isinstance(value, (bool, str, bytes)) else float(value)
     except (TypeError, ValueError):
         lam = float("nan")
     if not (math.isfinite(lam) and lam >= 0.0):
@@ -268,6 +268,16 @@ def output_from_yhat(yhat: torch.Tensor, z: torch.Tensor, t: TLike, prediction_t
     if prediction_type == "v_prediction":
         return (eps - _sqrt(t) * yhat) / _sqrt(1 + t)
     return check_prediction_type(prediction_type)
+
+
+def pf_ode_drift(z: torch.Tensor, yhat: torch.Tensor, t: TLike) -> torch.Tensor:
+    """Probability-flow ODE drift in VE time: ``dz/dt = (z - yhat(z, t)) / (2t)``.
+
+    Its divergence is ``(d - tr grad_z yhat) / (2t)``, the same expression with ``z -> d`` and ``yhat -> tr``,
+    so ``pf_ode_drift(d, tr, t)`` gives the log-density rate. Multiply by ``dt/ds`` for another variable ``s``
+    (``2 sigma`` for ``sigma = sqrt(t)``, ``t`` for ``ln t``). ``t``: a float or (B,) per row of ``yhat``.
+    """
+    return (z - yhat) / (2 * _per_sample(t, yhat))
 
 
 # ---------------------------------------------------------------------------------------- reverse steps

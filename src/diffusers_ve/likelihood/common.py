@@ -16,15 +16,18 @@ class Estimate:
 
     Args:
         log_likelihood: (B,) float64, nats per image (of the discrete data when levels were given).
-        stderr: (B,) float64, Monte-Carlo standard error of ``log_likelihood`` (0 where it is deterministic).
+        stderr: (B,) float64, Monte-Carlo standard error of ``log_likelihood`` (0 where it is deterministic,
+            NaN where the draws cannot estimate it, e.g. a single Hutchinson probe).
         nfe: (B,) int64, model calls spent on each image.
         extras: estimator-specific tensors (e.g. the ODE's latent ``z(T)``).
+        protocol: the estimator's own settings as it resolved them (solver, trace, draws...), for the record.
     """
 
     log_likelihood: torch.Tensor
     stderr: torch.Tensor
     nfe: torch.Tensor
     extras: dict = field(default_factory=dict)
+    protocol: dict = field(default_factory=dict)
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -38,9 +41,23 @@ def image_generators(seed: int, indices: Sequence[int]) -> List[torch.Generator]
 
 
 def check_generators(generators, batch: int) -> List[torch.Generator]:
-    if not isinstance(generators, (list, tuple)) or len(generators) != batch:
+    """ValueError unless ``generators`` is a list of ``batch`` generators (CPU or CUDA: each draws on its device)."""
+    if not isinstance(generators, (list, tuple)) or len(generators) != batch or \
+            not all(isinstance(g, torch.Generator) for g in generators):
         raise ValueError(f"`generators` must be a list of {batch} torch.Generator (one per image); got {generators!r}.")
     return list(generators)
+
+
+def draw(kind: str, shape, generator: torch.Generator) -> torch.Tensor:
+    """float64 ``rand`` / ``randn`` (or Rademacher ``+-1`` for ``"sign"``) on the generator's own device.
+
+    A CUDA generator cannot draw CPU tensors (nor the reverse), so each draw follows its generator; callers
+    move the result to the data's device. CPU generators give the same numbers whatever the model's device.
+    """
+    kw = dict(generator=generator, device=generator.device)
+    if kind == "sign":
+        return torch.randint(0, 2, tuple(shape), **kw).to(torch.float64) * 2 - 1
+    return (torch.rand if kind == "rand" else torch.randn)(tuple(shape), dtype=torch.float64, **kw)
 
 
 def check_t_range(axis, t_min: Optional[float], t_max: Optional[float]) -> tuple[float, float]:

@@ -9,6 +9,7 @@ import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import process
@@ -157,7 +158,12 @@ def portable_scheduler(scheduler) -> DDPMScheduler:
     """
     if not isinstance(scheduler, VESchedulerBase):
         raise ValueError(f"`scheduler` must be a VEScheduler or VEHeunScheduler; got {type(scheduler).__name__}.")
-    return DDPMScheduler.from_config({k: v for k, v in scheduler.config.items() if k != "_use_default_values"})
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # diffusers would call our keys "not expected": carrying them is the point
+    try:
+        return DDPMScheduler.from_config({k: v for k, v in scheduler.config.items() if k != "_use_default_values"})
+    finally:
+        logging.set_verbosity(level)
 
 
 def _with_reverse_noise(scheduler, reverse_noise):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -53,13 +55,21 @@ class VESchedulerBase(SchedulerMixin, ConfigMixin):
                 f"{cls.__name__} cannot take the config of a flow-matching scheduler ({name or 'shift keys'}): "
                 "it needs a DDPM-family beta table (linear, scaled_linear, squaredcos_cap_v2, sigmoid or trained_betas)."
             )
+        unknown = set(kwargs) - set(inspect.signature(cls.__init__).parameters)
+        if unknown:  # diffusers would drop them silently: a typo must not pass for a setting
+            allowed = sorted(set(inspect.signature(cls.__init__).parameters) - {"self"})
+            hints = {k: difflib.get_close_matches(k, allowed, 1) for k in sorted(unknown)}
+            raise TypeError(
+                f"{cls.__name__}.from_config() got unknown keyword arguments "
+                + ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+                + f"; the config keys are {allowed}."
+            )
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def _setup(self):
         """Validate the config and build the float64 time axis; called at the end of ``__init__``."""
         cfg = self.config
-        self.reverse_noise = process.check_reverse_noise(cfg.reverse_noise)
-        self.window = self._check_window(cfg.reverse_noise_window)
+        self.reverse_noise, self.window  # validate now; both are read from the config at every step
         process.check_prediction_type(cfg.prediction_type)
         process.check_choice("sigma_schedule", cfg.sigma_schedule, SIGMA_SCHEDULES)
         process.check_choice("timestep_spacing", cfg.timestep_spacing, process.TIMESTEP_SPACINGS)
@@ -77,6 +87,16 @@ class VESchedulerBase(SchedulerMixin, ConfigMixin):
         self._t_grid: List[float] = []
         self._step_index = None
         self._begin_index = None
+
+    @property
+    def reverse_noise(self) -> float:
+        """lambda, read from the config (so ``register_to_config(reverse_noise=...)`` takes effect)."""
+        return process.check_reverse_noise(self.config.reverse_noise)
+
+    @property
+    def window(self):
+        """``reverse_noise_window`` as ``(t_lo, t_hi)`` or None, read from the config."""
+        return self._check_window(self.config.reverse_noise_window)
 
     def _check_window(self, window):
         if window is None:
@@ -202,7 +222,7 @@ class VESchedulerBase(SchedulerMixin, ConfigMixin):
                     raise ValueError(
                         f"{type(self).__name__} does not take `eta` ({value!r}); set the reverse-noise level with "
                         "`reverse_noise` (lambda >= 0, 0 = deterministic), e.g. "
-                        "`scheduler.register_to_config(reverse_noise=0.5)` or `from_config(..., reverse_noise=0.5)`."
+                        f"`pipe.scheduler = {type(self).__name__}.from_config(pipe.scheduler.config, reverse_noise=0.5)`."
                     )
             elif key not in _IGNORED_STEP_KWARGS:
                 raise TypeError(f"{type(self).__name__}.step() got an unexpected keyword argument {key!r}.")
