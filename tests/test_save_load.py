@@ -71,7 +71,7 @@ _PLAIN_DIFFUSERS = textwrap.dedent(
     try:  # a folder naming our scheduler: diffusers cannot resolve it, even with the scheduler passed in
         DiffusionPipeline.from_pretrained(ours, scheduler=DDPMScheduler())
         refused = False
-    except ValueError:
+    except (ValueError, ImportError):  # diffusers >= 0.31 says ValueError, 0.30 fails on the import
         refused = True
     parts = DDPMPipeline(unet=UNet2DModel.from_pretrained(ours, subfolder="unet"),
                          scheduler=DDPMScheduler.from_pretrained(ours, subfolder="scheduler"))
