@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,14 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "train_ve.py"
 
 
-def peak_mb(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def plain_worker(args):
     """The reference: a plain diffusers DDPM training loop under accelerate."""
     import torch
@@ -41,6 +32,7 @@ def plain_worker(args):
     from diffusers import DDPMScheduler, UNet2DModel
 
     from diffusers_ve.data import ShardedEpochSampler, load_digits_images
+    from diffusers_ve.training import peak_memory_mb
 
     acc = Accelerator(mixed_precision="no")
     torch.manual_seed(0)
@@ -70,7 +62,7 @@ def plain_worker(args):
     elapsed = time.time() - t0
     if acc.is_main_process:
         Path(args.result).write_text(json.dumps(dict(images_per_second=seen * acc.num_processes / elapsed,
-                                                     peak_memory_mb=peak_mb(acc.device), world_size=acc.num_processes)))
+                                                     peak_memory_mb=peak_memory_mb(acc.device), world_size=acc.num_processes)))
 
 
 def launch(kind, procs, threads, args, out):

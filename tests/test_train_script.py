@@ -3,7 +3,9 @@ real gloo processes, exact resume after a kill, the Hub upload (intercepted), an
 
 import importlib.util
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +50,27 @@ def losses(out):
     return [json.loads(line) for line in Path(out, "train_log.jsonl").read_text().splitlines()]
 
 
-def test_pipeline_saves_loads_samples_and_pushes(tmp_path, run, monkeypatch):
+def run_group(cmd, timeout, **kw):
+    """subprocess.run in its own process group: on timeout the whole group (launcher and every rank) is killed,
+    so a hung rank cannot outlive the test."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _tiny_rgb_config(tmp_path):
+    cfg = json.loads((ROOT / "training" / "configs" / "unet_tiny.json").read_text())
+    cfg.update(in_channels=3, out_channels=3)
+    (tmp_path / "rgb.json").write_text(json.dumps(cfg))
+    return str(tmp_path / "rgb.json")
+
+
+def test_pipeline_saves_loads_samples_and_pushes(tmp_path, run, script, monkeypatch, caplog):
     import huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
 
@@ -82,10 +104,14 @@ def test_pipeline_saves_loads_samples_and_pushes(tmp_path, run, monkeypatch):
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "VEScheduler" and sched["reverse_noise"] == 0.5 and "solver_order" in sched
     card = (out / "README.md").read_text()
-    assert "library_name: diffusers" in card and "reverse noise lambda = 0.5" in card and "from_pretrained" in card
+    assert "library_name: diffusers" in card and "reverse noise lambda = 0.5" in card
+    assert 'from_pretrained("me/ve-digits")' in card and "| mixed precision | no |" in card  # resolved, not "default"
     assert f"{s['bits_per_dim']:.3f}" in card and "17 quantisation levels" in card and '"method": "elbo"' in card
-    sweep = Image.open(out / "samples_lambda_sweep.png")
-    assert sweep.size == (8 * 64, 4 * 64)  # 4 lambdas x 8 seeds, 8x8 digits shown at 64 px
+    sweep = np.asarray(Image.open(out / "samples_lambda_sweep.png"))
+    gap = script.ROW_GAP
+    assert gap > 0 and sweep.shape[:2] == (4 * 64 + 3 * gap, 8 * 64)  # 4 lambdas x 8 seeds, 8x8 digits at 64 px
+    for row in range(1, 4):  # a white band between lambda rows
+        assert (sweep[row * (64 + gap) - gap: row * (64 + gap)] == 255).all()
     # the saved folder loads through diffusers and samples
     import diffusers_ve  # noqa: F401  (registers VEScheduler)
     from diffusers import DiffusionPipeline
@@ -95,10 +121,26 @@ def test_pipeline_saves_loads_samples_and_pushes(tmp_path, run, monkeypatch):
     pipe.set_progress_bar_config(disable=True)
     img = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert img.shape == (2, 8, 8, 1) and np.isfinite(img).all()
-    # fine-tuning the saved folder: its architecture, beta table, prediction type and lambda carry over
-    s2 = run(tmp_path / "ft", "--pretrained_model_name_or_path", str(out), "--max_train_steps", "2")
+    # fine-tuning the saved folder: its architecture and its whole scheduler config carry over (a zero-SNR
+    # table must stay zero-SNR: every timestep keeps meaning the same noise level); flags override
+    source = dict(sched, rescale_betas_zero_snr=True, timestep_type="continuous", solver_order=1, rho=5.0,
+                  sigma_schedule="log_t", clip_sample=True, prediction_type="epsilon")
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(source))
+    with caplog.at_level(logging.WARNING, logger="train_ve"):
+        s2 = run(tmp_path / "ft", "--pretrained_model_name_or_path", str(out), "--max_train_steps", "2",
+                 "--checkpointing_steps", "2", "--prediction_type", "v_prediction")
     assert s2["step"] == 2
-    assert json.loads((tmp_path / "ft" / "scheduler" / "scheduler_config.json").read_text())["reverse_noise"] == 0.5
+    assert any("--prediction_type v_prediction" in r.message and "epsilon" in r.message for r in caplog.records)
+    ft = json.loads((tmp_path / "ft" / "scheduler" / "scheduler_config.json").read_text())
+    kept = ("rescale_betas_zero_snr", "timestep_type", "solver_order", "rho", "sigma_schedule", "clip_sample",
+            "reverse_noise")
+    assert {k: ft[k] for k in kept} == {k: source[k] for k in kept} and ft["prediction_type"] == "v_prediction"
+    from diffusers_ve.process import TimeAxis
+
+    assert TimeAxis.from_config(ft).t_max > 1e7  # the zero-SNR table, not the plain linear one (t_max ~ 156)
+    fp = script.ckpt.read_checkpoint_state(str(tmp_path / "ft" / "checkpoint-2"))["fingerprint"]
+    assert fp["scheduler"]["rescale_betas_zero_snr"] is True and fp["scheduler"]["timestep_type"] == "continuous"
+    assert f'from_pretrained("{tmp_path / "ft"}")' in (tmp_path / "ft" / "README.md").read_text()  # the path, not "ft"
 
 
 def test_loss_goes_down_on_digits(tmp_path, run):
@@ -130,10 +172,11 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, run, script, monkeypat
     monkeypatch.setattr(script.ckpt, "commit_checkpoint", commit)
     assert script.ckpt.list_checkpoints(str(tmp_path / "b")) == [3]
     assert any(".tmp-" in n for n in os.listdir(tmp_path / "b"))  # the partial save is there, and ignored
+    assert [r["step"] for r in losses(tmp_path / "b")] == [1, 2, 3, 4, 5, 6]  # logged up to the kill
     run(tmp_path / "b", *args, "--resume_from_checkpoint", "latest")
-    resumed = losses(tmp_path / "b")[-5:]
-    assert [r["step"] for r in resumed] == [4, 5, 6, 7, 8]
-    assert [r["loss"] for r in resumed] == [r["loss"] for r in ref[3:]]
+    log = losses(tmp_path / "b")  # cut back to checkpoint-3, then 4..8: no step twice
+    assert [r["step"] for r in log] == list(range(1, 9))
+    assert [r["loss"] for r in log] == [r["loss"] for r in ref]
     assert not any(".tmp-" in n for n in os.listdir(tmp_path / "b"))
     from safetensors.torch import load_file
 
@@ -145,7 +188,7 @@ def test_two_processes(tmp_path):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     cmd = [*accelerate_launch(2), str(SCRIPT), "--output_dir", str(tmp_path), *FAST,
            "--max_train_steps", "3", "--checkpointing_steps", "2"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=str(ROOT))
+    res = run_group(cmd, 240, env=env, cwd=str(ROOT))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "world size 2 (MULTI_CPU" in res.stdout and "world size 2)" in res.stdout, res.stdout
     ckpt = tmp_path / "checkpoint-2"
@@ -174,23 +217,93 @@ def test_bad_input_fails_before_training(tmp_path, run):
         run(tmp_path / "o3", "--train_data_dir", "x", "--dataset_name", "y")
     with pytest.raises(ValueError, match="multiple of 2"):
         run(tmp_path / "o4", "--resolution", "9")
-    with pytest.raises(ValueError, match="in_channels=1"):  # RGB images, 1-channel UNet
+    with pytest.raises(ValueError, match=r"rgb/\d\.png: a colour image.*in_channels=1.*--model_config cifar"):
         run(tmp_path / "o5", "--train_data_dir", str(_rgb_folder(tmp_path / "rgb")), "--resolution", "8")
-    cfg = json.loads((ROOT / "training" / "configs" / "unet_tiny.json").read_text())
-    cfg.update(in_channels=3, out_channels=3)
-    (tmp_path / "rgb.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="1-channel grey"):  # digits, 3-channel UNet
-        run(tmp_path / "o6", "--model_config", str(tmp_path / "rgb.json"))
+        run(tmp_path / "o6", "--model_config", _tiny_rgb_config(tmp_path))
     with pytest.raises(ValueError, match="--model_config"):
         run(tmp_path / "o7", "--model_config", "huge")
-    assert not any((tmp_path / f"o{i}" / "train_log.jsonl").exists() for i in range(1, 8))
+    bad = {"--max_train_steps": ("0", ">= 1"), "--num_epochs": ("0", ">= 1"), "--num_levels": ("1", ">= 2"),
+           "--learning_rate": ("0", "> 0"), "--eval_fraction": ("1", r"in \[0, 1\)"),
+           "--checkpointing_steps": ("-1", ">= 0"), "--ddpm_num_steps": ("1", ">= 2")}
+    for flag, (value, allowed) in bad.items():
+        with pytest.raises(ValueError, match=f"`{flag}` must be {allowed}; got"):
+            run(tmp_path / "o8", flag, value)
+    assert not any((tmp_path / f"o{i}" / "train_log.jsonl").exists() for i in range(1, 9))
+
+
+def test_push_and_wandb_fail_before_training(tmp_path, run, monkeypatch):
+    import accelerate.utils
+    import huggingface_hub
+
+    def offline(repo_id, **kw):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", offline)
+    with pytest.raises(ValueError, match=r"could not create.*me/x.*--hub_token"):
+        run(tmp_path / "a", "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "me/x")
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    with pytest.raises(ValueError, match="pip install wandb"):
+        run(tmp_path / "b", "--max_train_steps", "1", "--logger", "wandb")
+    assert not (tmp_path / "a" / "train_log.jsonl").exists() and not (tmp_path / "b").exists()
+
+
+def test_rerun_into_an_earlier_run_is_refused(tmp_path, run, capsys):
+    run(tmp_path / "new", "--max_train_steps", "1", "--checkpointing_steps", "0", "--resume_from_checkpoint", "latest")
+    printed = capsys.readouterr().out
+    assert "no checkpoint" in printed and "starting fresh" in printed
+    out = tmp_path / "ve"
+    run(out, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    for extra in ([], ["--checkpointing_steps", "0"]):
+        with pytest.raises(ValueError, match=r"earlier run.*checkpoints at steps \[2\].*--resume_from_checkpoint "
+                                             r"latest.*--overwrite_output_dir"):
+            run(out, "--max_train_steps", "4", *extra)
+    assert [r["step"] for r in losses(out)] == [1, 2]
+    # start over; the digits preset's length does not override --num_epochs: one epoch = 1617 // 256 steps
+    s = run(out, "--overwrite_output_dir", "--num_epochs", "1", "--train_batch_size", "256", "--checkpointing_steps", "0")
+    assert s["step"] == 1617 // 256 and [r["step"] for r in losses(out)] == list(range(1, 7))
+    assert not (out / "checkpoint-2").exists()
+
+
+def test_mixed_grey_and_colour_folder_trains_and_keeps_a_held_out_set(tmp_path, run, script):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):  # 40 images: eval_fraction 0.01 rounds to 0 held out
+        shape, mode = ((10, 12), "L") if i % 2 else ((10, 12, 3), "RGB")
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / f"{i}.png")
+    s = run(tmp_path / "out", "--train_data_dir", str(folder), "--model_config", _tiny_rgb_config(tmp_path),
+            "--resolution", "8", "--train_batch_size", "8", "--max_train_steps", "1", "--final_eval",
+            "--eval_batch_size", "1", "--num_inference_steps", "1", "--eval_num_t_samples", "2")
+    assert s["step"] == 1 and s["num_images"] == script.MIN_HELD_OUT > 0 and np.isfinite(s["bits_per_dim"])
+    s = run(tmp_path / "out0", "--train_data_dir", str(folder), "--model_config", _tiny_rgb_config(tmp_path),
+            "--resolution", "8", "--train_batch_size", "8", "--max_train_steps", "1", "--eval_fraction", "0",
+            "--final_eval", "--eval_batch_size", "1", "--num_inference_steps", "1")
+    assert s["bits_per_dim_skipped"] == "no held-out images: --eval_fraction 0"
+
+
+def test_help_shows_each_flag_once_with_its_default(script):
+    parser = script.build_parser()
+    fmt = parser._get_formatter()
+    shown = [a for a in parser._actions if a.help != "==SUPPRESS==" and a.dest != "help"]
+    assert all(a.help for a in shown), [a.dest for a in shown if not a.help]
+    helps = {a.option_strings[0]: fmt._expand_help(a) for a in shown}
+    assert "(default" not in helps["--no_final_eval"]  # a switch that turns it off is not "default: True"
+    assert helps["--image_column"].count("default") == 1
+    assert helps["--adam_beta1"].endswith("(default: 0.95)")
+    text = parser.format_help()
+    assert "presets" in text and "tiny, small" in text and "python training/train_ve.py" in text
 
 
 def test_checkpoint_from_another_config_is_refused(tmp_path, run):
     run(tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "2")
     n = len(losses(tmp_path))
-    with pytest.raises(ValueError, match="another training configuration.*prediction_type"):
+    with pytest.raises(ValueError, match="another training configuration") as e:
         run(tmp_path, "--max_train_steps", "4", "--prediction_type", "v_prediction", "--resume_from_checkpoint", "latest")
+    msg = str(e.value)  # the one key that differs, not both configs
+    assert "(scheduler.prediction_type: checkpoint 'epsilon' vs now 'v_prediction')" in msg and len(msg) < 400, msg
+    with pytest.raises(ValueError, match="loss_weighting: checkpoint 'ddpm' vs now 'edm'.*sigma_data"):
+        run(tmp_path, "--max_train_steps", "4", "--loss_weighting", "edm", "--resume_from_checkpoint", "latest")
     with pytest.raises(ValueError, match="block_out_channels"):
         run(tmp_path, "--max_train_steps", "4", "--model_config", "small", "--resume_from_checkpoint", "latest")
     assert len(losses(tmp_path)) == n  # no training step ran

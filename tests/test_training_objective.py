@@ -1,6 +1,7 @@
 """The training objective against ground truth: the exact denoiser of a Gaussian mixture, its exact ln p_t,
 and the diffusers table; plus the data helpers (digits levels, transforms, sharded sampling, checkpoints)."""
 
+import json
 import math
 
 import numpy as np
@@ -9,8 +10,10 @@ import torch
 from PIL import Image
 
 from diffusers_ve import process
-from diffusers_ve.checkpointing import OutputDirLock, commit_checkpoint, list_checkpoints, resolve_checkpoint
-from diffusers_ve.data import ImageTransform, ShardedEpochSampler, load_digits_images
+from diffusers_ve.checkpointing import (OutputDirLock, check_checkpoint_compatible, commit_checkpoint, list_checkpoints,
+                                        resolve_checkpoint, trim_log)
+from diffusers_ve.data import (ChannelMismatchError, ImageDataset, ImageTransform, ShardedEpochSampler,
+                               load_digits_images, split_indices)
 from diffusers_ve.training import Objective
 from .gmm import MixtureUNet, image_mixture
 
@@ -130,8 +133,52 @@ def test_image_transform_and_channel_check():
     flip = ImageTransform(16, 3, center_crop=True, random_flip=True, resample="nearest")
     outs = {flip(img, torch.Generator().manual_seed(s))[0, 0, 0].item() for s in range(8)}
     assert outs == {x[0, 0, 0].item(), x[0, 0, -1].item()}
-    with pytest.raises(ValueError, match="in_channels=1"):
+    with pytest.raises(ChannelMismatchError, match="in_channels=1"):  # RGB -> grey would drop the colour
         ImageTransform(16, 1)(img)
+    grey = img.convert("L")  # a grey image for an RGB UNet: its one channel, replicated (as train_unconditional)
+    g3 = ImageTransform(16, 3, center_crop=True, resample="nearest")(grey)
+    g1 = ImageTransform(16, 1, center_crop=True, resample="nearest")(grey)
+    assert g3.shape == (3, 16, 16) and all(torch.equal(g3[c], g1[0]) for c in range(3))
+
+
+def test_image_dataset_names_the_bad_file(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8), "RGB").save(tmp_path / "colour.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    ds = ImageDataset([str(tmp_path / "colour.png"), str(tmp_path / "broken.png")], ImageTransform(8, 1))
+    with pytest.raises(ChannelMismatchError, match="colour.png: a colour image"):
+        ds[0]
+    with pytest.raises(ValueError, match="broken.png"):
+        ds[1]
+
+
+def test_split_keeps_a_held_out_set_for_small_data():
+    assert [len(h) for _, h in (split_indices(40, 0.01), split_indices(40, 0.01, min_held=8))] == [0, 8]
+    tr, he = split_indices(10, 0.01, min_held=8)  # never more than half
+    assert len(he) == 5 and sorted([*tr, *he]) == list(range(10))
+    assert len(split_indices(40, 0.0, min_held=8)[1]) == 0  # 0 means none
+    assert len(split_indices(1797, 0.1, min_held=8)[1]) == 180
+
+
+def test_trim_log_keeps_steps_up_to_the_checkpoint(tmp_path):
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(f'{{"step": {s}, "loss": {s / 10}}}\n' for s in (1, 2, 3, 4, 3, 4)))
+    trim_log(str(log), 2)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+    trim_log(str(log), 0)
+    assert log.read_text() == "" and list(tmp_path.iterdir()) == [log]  # no temporary file left
+
+
+def test_checkpoint_mismatch_names_only_the_differing_leaves():
+    saved = {"model": {"block_out_channels": [16, 32], "layers_per_block": 1},
+             "scheduler": {"prediction_type": "epsilon", "rescale_betas_zero_snr": False}, "seed": 0}
+    now = {"model": dict(saved["model"]), "scheduler": {"prediction_type": "epsilon", "rescale_betas_zero_snr": True},
+           "seed": 0}
+    check_checkpoint_compatible(saved, saved)
+    with pytest.raises(ValueError) as e:
+        check_checkpoint_compatible(saved, now, "ck")
+    msg = str(e.value)
+    assert "scheduler.rescale_betas_zero_snr: checkpoint False vs now True" in msg
+    assert "block_out_channels" not in msg and "prediction_type" not in msg
 
 
 def test_sharded_sampler_covers_each_epoch_once_and_skips():

@@ -49,8 +49,21 @@ def read_checkpoint_state(path: str) -> dict:
         return json.load(f)
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: a difference is reported as one leaf, not as two whole configs."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def check_checkpoint_compatible(saved: dict, current: dict, path: str = "checkpoint") -> None:
-    """ValueError naming every key of the run's fingerprint (model config, objective, world size) that differs."""
+    """ValueError naming every leaf of the run's fingerprint (model config, time axis, objective, world size)
+    that differs, e.g. ``scheduler.prediction_type``; equal keys are not printed."""
+    saved, current = _flatten(saved), _flatten(current)
     diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if diff:
         lines = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diff)
@@ -85,6 +98,21 @@ def commit_checkpoint(tmp_dir: str, final_dir: str, state: dict) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp_dir, final_dir)
+
+
+def trim_log(path: str, step: int) -> None:
+    """Keep the JSON lines of ``path`` whose ``"step"`` is at most ``step`` (a resumed run logs the steps after its
+    checkpoint again; a fresh run keeps none). Atomic: a temporary file renamed over the old one."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class OutputDirLock:
@@ -139,12 +167,27 @@ class OutputDirLock:
 HUB_IGNORE_PATTERNS = ["checkpoint-*", "logs/*", ".train_ve.lock", "*.tmp-*", "*.old/*"]
 
 
+def create_hub_repo(repo_id: str, private: bool = False, token: Optional[str] = None) -> str:
+    """Create (or reuse) the model repo ``repo_id``; returns its full id (``user/name``). Call it before training,
+    as diffusers' scripts do: no network or no token is then a ValueError at the start, not after hours."""
+    import huggingface_hub
+
+    try:
+        return huggingface_hub.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    except Exception as e:  # noqa: BLE001: offline, no token, no write access... all mean "cannot push"
+        raise ValueError(
+            f"`--push_to_hub`: could not create or reach the Hub repo {repo_id!r} ({type(e).__name__}: {e}). "
+            "Log in (`huggingface-cli login`) or pass `--hub_token`, check the network and `--hub_model_id`, "
+            "or train without `--push_to_hub`."
+        ) from e
+
+
 def push_folder_to_hub(folder: str, repo_id: str, private: bool = False, token: Optional[str] = None,
                        commit_message: str = "Upload VE-trained diffusers pipeline"):
     """Create (or reuse) the model repo ``repo_id`` and upload ``folder`` (the saved pipeline and its card),
     leaving out checkpoints, logs and the lock file. Returns ``upload_folder``'s result."""
     import huggingface_hub
 
-    repo_id = huggingface_hub.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    repo_id = create_hub_repo(repo_id, private, token)
     return huggingface_hub.upload_folder(repo_id=repo_id, folder_path=folder, token=token,
                                          commit_message=commit_message, ignore_patterns=HUB_IGNORE_PATTERNS)

@@ -36,17 +36,33 @@ def load_digits_images(resolution: int = 8, resize: str = "pad") -> torch.Tensor
     return torch.nn.functional.pad(x, (lo, resolution - 8 - lo, lo, resolution - 8 - lo), value=-1.0)
 
 
-def split_indices(n: int, eval_fraction: float, seed: int = 0):
-    """A fixed random split of ``range(n)`` into (train, held-out) index arrays."""
+def split_indices(n: int, eval_fraction: float, seed: int = 0, min_held: int = 0):
+    """A fixed random split of ``range(n)`` into (train, held-out) index arrays.
+
+    Args:
+        n: number of items.
+        eval_fraction: held-out share in [0, 1); 0 holds nothing out.
+        seed: seed of the permutation.
+        min_held: hold out at least this many (but never more than half of ``n``) when ``eval_fraction > 0``,
+            so that a small data set still gets a held-out set instead of ``round(n * eval_fraction) = 0``.
+    """
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"`eval_fraction` must be in [0, 1); got {eval_fraction!r}.")
     perm = np.random.default_rng(seed).permutation(n)
     k = int(round(n * eval_fraction))
+    if eval_fraction > 0:
+        k = max(k, min(int(min_held), n // 2))
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 
 _MODE_CHANNELS = {"1": 1, "L": 1, "I": 1, "I;16": 1, "F": 1, "LA": 2, "P": 3, "RGB": 3, "RGBA": 4, "CMYK": 4}
+_CHANNEL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}  # what an image is converted to for a UNet of C channels
+_COLOUR_MODES = ("P", "RGB", "RGBA", "CMYK")
 RESAMPLE = ("nearest", "bilinear", "bicubic", "lanczos")
+
+
+class ChannelMismatchError(ValueError):
+    """An image that cannot be converted to the UNet's channel count without losing information."""
 
 
 def image_channels(image) -> int:
@@ -64,7 +80,9 @@ class ImageTransform:
 
     Args:
         resolution: output side R.
-        channels: the UNet's ``in_channels``; an image with another channel count is a ValueError.
+        channels: the UNet's ``in_channels`` (1 to 4). An image with another channel count is converted, as
+            ``train_unconditional.py`` converts everything to RGB (grey to RGB replicates, alpha is dropped);
+            a colour image for a 1- or 2-channel UNet is a ValueError (converting would drop the colour).
         center_crop: centre crop (else a random crop).
         random_flip: flip left-right with probability 1/2.
         resample: ``"nearest"``, ``"bilinear"``, ``"bicubic"`` or ``"lanczos"``.
@@ -75,18 +93,26 @@ class ImageTransform:
         from PIL import Image
 
         self.resolution, self.channels = int(resolution), int(channels)
+        if self.channels not in _CHANNEL_MODES:
+            raise ValueError(f"`channels` must be one of {sorted(_CHANNEL_MODES)}; got {channels!r}.")
         self.center_crop, self.random_flip = center_crop, random_flip
         self.resample = getattr(Image.Resampling, _check_choice("resample", resample, RESAMPLE).upper())
 
-    def __call__(self, image, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def convert(self, image):
+        """``image`` with ``channels`` channels (a mixed grey/colour folder trains as one); ValueError if that would
+        drop colour."""
         c = image_channels(image)
-        if c != self.channels:
-            raise ValueError(
-                f"an image of mode {image.mode!r} has {c} channel(s) but the UNet takes in_channels={self.channels}; "
-                "use a model config with matching in_channels/out_channels or convert the images."
+        if c == self.channels and image.mode != "P":  # keep the mode (and the levels) as they are
+            return image
+        if image.mode in _COLOUR_MODES and self.channels < 3:
+            raise ChannelMismatchError(
+                f"a colour image (mode {image.mode!r}, {c} channels) does not fit a UNet with in_channels={self.channels} "
+                "without dropping its colour; use a model with 3 input channels."
             )
-        if image.mode == "P":
-            image = image.convert("RGB")
+        return image.convert(_CHANNEL_MODES[self.channels])
+
+    def __call__(self, image, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        image = self.convert(image)
         r, (w, h) = self.resolution, image.size
         scale = r / min(w, h)
         image = image.resize((max(r, round(w * scale)), max(r, round(h * scale))), self.resample)
@@ -102,9 +128,29 @@ class ImageTransform:
         return x / 127.5 - 1
 
 
+class TensorFlip:
+    """The transform of images that are already tensors (C, R, R) at the training resolution: a left-right flip
+    with probability 1/2 if ``random_flip``, else the identity."""
+
+    def __init__(self, random_flip: bool = False):
+        self.random_flip = random_flip
+
+    def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if self.random_flip and bool(torch.rand(1, generator=generator) < 0.5):
+            return x.flip(-1)
+        return x
+
+
 class ImageDataset(torch.utils.data.Dataset):
-    """Images from a list of paths or a ``datasets`` column, transformed with per-(seed, epoch, index) randomness
-    so that crops and flips replay exactly on resume."""
+    """Images from a list of paths, a ``datasets`` column or a tensor (N, C, R, R), transformed with
+    per-(seed, epoch, index) randomness so that crops and flips replay exactly on resume.
+
+    Args:
+        images: paths, PIL images (a ``datasets`` column) or a tensor of images.
+        transform: called as ``transform(item, generator)``: an :class:`ImageTransform` for PIL images and
+            paths, a :class:`TensorFlip` for tensors.
+        seed: the run's seed.
+    """
 
     def __init__(self, images, transform: ImageTransform, seed: int = 0):
         self.images, self.transform, self.seed, self.epoch = images, transform, seed, 0
@@ -127,7 +173,13 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
-        return self.transform(self.load(i), g)
+        try:
+            return self.transform(self.load(i), g)
+        except (ValueError, OSError) as e:  # name the file: one bad image in 50,000 must be findable
+            item = self.images[int(i)]
+            name = os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"image {int(i)}"
+            cls = ChannelMismatchError if isinstance(e, ChannelMismatchError) else ValueError
+            raise cls(f"{name}: {e}") from e
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")

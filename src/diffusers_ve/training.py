@@ -129,4 +129,15 @@ class Objective:
         return self.per_sample_loss(getattr(out, "sample", out), batch).mean()
 
 
-__all__ = ["LOSS_WEIGHTINGS", "Objective", "NoisyBatch"]
+def peak_memory_mb(device) -> float:
+    """This process's peak memory in MiB: CUDA max allocated on a CUDA ``device``, else the peak resident set
+    size (``ru_maxrss``, KiB on Linux). Shared by ``training/train_ve.py`` and ``benchmarks/training.py``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+__all__ = ["LOSS_WEIGHTINGS", "Objective", "NoisyBatch", "peak_memory_mb"]
