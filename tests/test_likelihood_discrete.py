@@ -72,7 +72,7 @@ def test_decoder_elbo_gives_bits_of_a_known_discrete_distribution(num_levels, be
     got_bpd = bits_per_dim(est.log_likelihood, 16)
     se_bpd = est.stderr / (16 * math.log(2))
     print(num_levels, "bits/dim", got_bpd.tolist(), "truth", truth_bpd.tolist(), "s.e.", se_bpd.tolist())
-    assert est.nfe.tolist() == [65] * 3
+    assert est.nfe.tolist() == [64 + 8] * 3  # K integral calls + R = 8 decoder draws
     assert bool(((got_bpd - truth_bpd).abs() < 3 * se_bpd + 2e-3).all())
 
 
@@ -110,10 +110,11 @@ def test_ode_with_uniform_dequantisation(num_levels):
           "ln P", exact.tolist())
     assert est.nfe.min() > reps  # one solve per repeat
     assert bool(((est.log_likelihood - ref).abs() < 4 * est.stderr + 1e-3 * d).all())
-    assert bool((ref <= exact + 1e-3 * d).all())  # a bound (up to the t_min smoothing)
+    est_ll, slack = est.log_likelihood, 4 * est.stderr + 1e-3 * d
+    assert bool((est_ll <= exact + slack).all())  # the package's number is a bound (up to t_min smoothing)
     # interior pixels: tight; the open edge bins of image 2 hold tail mass that dequantisation cannot see
-    assert bool(((exact - ref)[:2] < (0.01 if num_levels == 17 else 0.002) * d).all())
-    assert float((exact - ref)[2]) > 0.1
+    assert bool(((exact - est_ll)[:2] < (0.01 if num_levels == 17 else 0.002) * d + slack[:2]).all())
+    assert float((exact - est_ll)[2]) > 0.1 + 2 * float(est.stderr[2])
 
 
 def test_elbo_with_uniform_dequantisation_agrees_with_the_ode():

@@ -95,3 +95,54 @@ def test_bad_arguments():
             ode_log_likelihood(den, y, gens, **kwargs)
     with pytest.raises(ValueError, match="generators"):
         ode_log_likelihood(den, y, image_generators(0, [0, 1]))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_exact_divergence_matches_the_mixture_trace(prediction_type):
+    """The exact trace the ODE integrates, against the mixture's closed-form ``tr d yhat / d z``."""
+    from diffusers_ve.likelihood.ode import divergence
+
+    mix = image_mixture((1, 4, 4))
+    den = mixture_denoiser(mix, prediction_type)
+    t = torch.tensor([1e-3, 0.03, 0.5, 4.0, 300.0], dtype=torch.float64)
+    z = mix.sample(5, generator=torch.Generator().manual_seed(6)) + t.sqrt()[:, None, None, None] * torch.randn(
+        5, 1, 4, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    exact = mix.trace_grad_yhat(z, t)
+    yhat, tr = divergence(mix.yhat, z, t)  # the mixture's own yhat: only autograd's trace is under test
+    assert tr.shape == (5, 1) and torch.equal(yhat, mix.yhat(z, t))
+    assert torch.allclose(tr[:, 0], exact, rtol=1e-10, atol=1e-12)
+    yhat, tr = divergence(den, z, t)  # through the diffusers model: t -> timestep -> t costs ~1e-7
+    assert torch.allclose(yhat, mix.yhat(z, t), rtol=0, atol=1e-6)
+    assert torch.allclose(tr[:, 0], exact, rtol=1e-5, atol=1e-6)
+
+
+def test_drift_and_protocol_come_from_the_package():
+    """``process.pf_ode_drift`` is the Gaussian's exact flow; the estimator reports its own protocol."""
+    from diffusers_ve import process
+
+    mu, s2, t = -0.2, 0.09, torch.tensor([0.01, 2.0], dtype=torch.float64)
+    mix = GaussianMixture(torch.full((1, 1, 3, 3), mu, dtype=torch.float64), [math.sqrt(s2)])
+    z = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    # z(t) = mu + sqrt((s2 + t) / c) (y - mu) gives dz/dt = (z - mu) / (2 (s2 + t))
+    assert torch.allclose(process.pf_ode_drift(z, mix.yhat(z, t), t), (z - mu) / (2 * (s2 + t[:, None, None, None])))
+    den = mixture_denoiser(mix)
+    y = mix.sample(2, generator=torch.Generator().manual_seed(1))
+    logt = ode_log_likelihood(den, y, image_generators(0, range(2)), variable="log_t", solver="fixed", num_steps=4)
+    assert logt.protocol == {"solver": "fixed", "variable": "log_t", "num_steps": 4, "trace": "exact"}
+    hut = ode_log_likelihood(den, y, image_generators(0, range(2)), trace="hutchinson", num_probes=1)
+    assert hut.protocol["variable"] == "sigma" and hut.protocol["trace"] == "hutchinson (Rademacher, 1 probes)"
+    assert bool(torch.isnan(hut.stderr).all())  # one probe: the error is unknown
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_generators_are_accepted():
+    from diffusers_ve.likelihood import elbo_log_likelihood
+
+    mix = image_mixture((1, 2, 2))
+    sch = DDPMScheduler()
+    den = Denoiser.from_scheduler(MixtureUNet.from_mixture(mix, sch.config).double().cuda(), sch)
+    y = mix.sample(2).cuda()
+    gens = [torch.Generator("cuda").manual_seed(i) for i in range(2)]
+    for est in (ode_log_likelihood(den, y, gens, trace="hutchinson", num_probes=2, num_levels=17),
+                elbo_log_likelihood(den, y, gens, num_t_samples=8, num_levels=17)):
+        assert bool(torch.isfinite(est.log_likelihood).all())

@@ -71,7 +71,7 @@ def test_tiny_unet_and_prior_options():
     pipe = diffusers_ve.VELikelihoodPipeline(unet=unet, scheduler=DDPMScheduler())
     x = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
     out = pipe(x, num_t_samples=8, seed=0)
-    assert bool(torch.isfinite(out.log_likelihood).all()) and out.nfe.tolist() == [9, 9]
+    assert bool(torch.isfinite(out.log_likelihood).all()) and out.nfe.tolist() == [8 + 8, 8 + 8]  # K + R decoder
     ode = pipe(x, method="ode", solver="fixed", num_steps=2, trace="hutchinson", num_probes=1, seed=0)
     assert ode.nfe.tolist() == [13, 13] and bool(torch.isfinite(ode.log_likelihood).all())
     mom = pipe(x, num_t_samples=8, seed=0, prior="moment", prior_moments=(0.1, 0.2))
@@ -96,6 +96,35 @@ def test_integrand_plot(tmp_path):
     assert np.asarray(img).std() > 0
 
 
+def blank_gaps(text, font, min_width=3):
+    """Runs of at least ``min_width`` blank pixel columns inside ``text`` as drawn with ``font``."""
+    from PIL import ImageDraw
+
+    img = Image.new("L", (400, 40), 255)
+    ImageDraw.Draw(img).text((2, 2), text, fill=0, font=font)
+    ink = (np.asarray(img) < 160).any(0)
+    ink = ink[ink.argmax():len(ink) - ink[::-1].argmax()]
+    runs = np.diff(np.flatnonzero(np.diff(np.r_[1, ink.astype(int), 1]) != 0))[::2]  # lengths of blank runs
+    return int((runs >= min_width).sum())
+
+
+def test_plot_title_keeps_its_spaces():
+    """Pillow's 10 px default font closes some word gaps ("where the bitsgo"): the title font keeps all three."""
+    from diffusers_ve.likelihood.plot import title_font
+
+    assert blank_gaps("where the bits go", title_font()) == 3
+
+
+def test_unknown_stderr_is_reported_as_unknown():
+    """K = 2 gives one stratum: no error estimate. It must print as n/a, never as a Monte-Carlo error of 0."""
+    y = levels(2).double() / 127.5 - 1
+    out = mixture_pipe()(y, num_t_samples=2, num_levels=None, seed=0)
+    assert bool(torch.isnan(out.stderr).all())
+    assert "s.e. n/a Monte-Carlo" in out.summary()
+    ok = mixture_pipe()(y, num_t_samples=8, num_levels=None, seed=0)
+    assert "s.e. n/a Monte-Carlo" not in ok.summary() and bool((ok.stderr > 0).all())
+
+
 BAD = [
     (dict(images=levels(1, 256)), dict(num_levels=17), "levels 0..num_levels-1"),
     (dict(images=torch.full((1, 1, 4, 4), 1.5)), dict(), "model space"),
@@ -110,6 +139,9 @@ BAD = [
     (dict(images=levels(1)), dict(prior="flat"), "prior"),
     (dict(images=levels(1)), dict(prior="moment"), "prior_moments"),
     (dict(images=levels(1)), dict(method="ode", dequantization="decoder"), "dequantization"),
+    (dict(images=levels(0)), dict(), "empty"),
+    (dict(images=[]), dict(), "empty"),
+    (dict(images=levels(1)), dict(num_decoder_samples=0), "num_decoder_samples"),
 ]
 
 

@@ -4,8 +4,9 @@
         --method elbo --num-t-samples 64 --num-levels 256
 
 ``--data`` is an image folder, a ``datasets`` folder saved with ``save_to_disk``, or a ``datasets`` name (with
-``--split``). Images are dealt out in blocks of ``--batch-size`` to the processes (the model is never wrapped
-in DDP: ODE solves take different numbers of steps per image). Each finished block is saved at once under
+``--split``); ``--resolution`` (with ``--center-crop``, ``--resample``) resizes and crops as the training script
+did, keeping 8-bit levels. Images are dealt out in blocks of ``--batch-size`` to the processes (the model is never
+wrapped in DDP: ODE solves take different numbers of steps per image). Each finished block is saved at once under
 ``OUT/parts``, so a rerun resumes where an interrupted one stopped. All randomness of image ``i`` comes from
 a generator seeded with ``(seed, i)`` and ODE error control is per image, so per-image values do not depend
 on batch size or process count. The end result: ``OUT/per_image.npz`` (and ``.csv``) and ``OUT/summary.json``.
@@ -18,27 +19,29 @@ import glob
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from .pipelines.pipeline_ve_likelihood import VELikelihoodPipeline
+from .data import IMAGE_EXTENSIONS, RESAMPLE, ImageTransform
+from .pipelines.pipeline_ve_likelihood import VELikelihoodPipeline, format_stderr
 
 FIELDS = ("log_likelihood", "bits_per_dim", "stderr", "stderr_bits_per_dim", "nfe")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+LEVEL_CHECK_IMAGES = 64  # images looked at for the level-count warning
 
 
 # ----------------------------------------------------------------------------------------------- data
 class ImageFolder:
-    """Images of a folder (sorted by name) as (C, H, W) uint8 tensors."""
+    """Images of a folder (sorted by name) as (C, H, W) uint8 tensors, optionally resized by ``transform``."""
 
-    def __init__(self, root: str, channels: int = 3):
-        self.files = sorted(p for p in Path(root).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        self.mode = "L" if channels == 1 else "RGB"
+    def __init__(self, root: str, channels: int = 3, transform: Optional[ImageTransform] = None):
+        self.files = sorted(p for p in Path(root).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        self.mode, self.transform = ("L" if channels == 1 else "RGB"), transform
         if not self.files:
-            raise ValueError(f"`--data` folder {root!r} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+            raise ValueError(f"`--data` folder {root!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
 
     def __len__(self):
         return len(self.files)
@@ -47,24 +50,29 @@ class ImageFolder:
         from PIL import Image
 
         with Image.open(self.files[i]) as im:
-            return to_chw(np.asarray(im.convert(self.mode)))
+            im = im.convert(self.mode)
+            return to_chw(np.asarray(im)) if self.transform is None else transformed(self.transform, im, i)
 
 
 class DatasetColumn:
-    """One column of a ``datasets`` split (PIL images, arrays or nested lists) as (C, H, W) tensors."""
+    """One column of a ``datasets`` split (PIL images, arrays or nested lists) as (C, H, W) tensors,
+    optionally resized by ``transform`` (8-bit images only)."""
 
-    def __init__(self, ds, column: Optional[str] = None):
+    def __init__(self, ds, column: Optional[str] = None, transform: Optional[ImageTransform] = None):
         names = ds.column_names
         column = column or next((c for c in ("image", "img", "pixel_values", "images") if c in names), None)
         if column not in names:
             raise ValueError(f"`--image-column` must be one of the data set's columns {names}; got {column!r}.")
-        self.ds, self.column = ds, column
+        self.ds, self.column, self.transform = ds, column, transform
 
     def __len__(self):
         return len(self.ds)
 
     def __getitem__(self, i):
-        return to_chw(np.asarray(self.ds[int(i)][self.column]))
+        item = self.ds[int(i)][self.column]
+        if self.transform is None:
+            return to_chw(np.asarray(item))
+        return transformed(self.transform, item if hasattr(item, "convert") else to_pil(np.asarray(item)), i)
 
 
 def to_chw(a: np.ndarray) -> torch.Tensor:
@@ -80,12 +88,42 @@ def to_chw(a: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(a.astype(np.float32))
 
 
-def open_data(data: str, split: str = "test", column: Optional[str] = None, channels: int = 3):
-    """An image folder, a ``save_to_disk`` folder or a ``datasets`` name -> an indexable image source."""
+def to_pil(a: np.ndarray):
+    """An integer array (any layout :func:`to_chw` takes) -> a PIL image, for resizing."""
+    from PIL import Image
+
+    x = to_chw(a)
+    if x.dtype != torch.uint8:
+        raise ValueError("`--resolution` resizes 8-bit images only; these images are floats.")
+    hwc = x.permute(1, 2, 0).numpy()
+    return Image.fromarray(hwc[..., 0] if hwc.shape[-1] == 1 else hwc)
+
+
+def transformed(transform: ImageTransform, image, index: int) -> torch.Tensor:
+    """``transform`` (the training script's resize and crop) as uint8 levels; a random crop is fixed per index.
+
+    The transform keeps 8-bit levels (``y = 2x/255 - 1``), so rounding back recovers them exactly (a 17-level
+    PNG resized with ``nearest`` still holds levels 0..16).
+    """
+    y = transform(image, torch.Generator().manual_seed(int(index)))
+    return torch.round((y + 1) * 127.5).to(torch.uint8)
+
+
+def open_data(data: str, split: str = "test", column: Optional[str] = None, channels: int = 3,
+              transform: Optional[ImageTransform] = None):
+    """An image folder, a ``save_to_disk`` folder or a ``datasets`` name -> an indexable image source.
+
+    Args:
+        data: the folder or name.
+        split: ``datasets`` split (ignored for a plain image folder).
+        column: the image column (default: the first of ``image``, ``img``, ``pixel_values``, ``images``).
+        channels: the model's ``in_channels`` (image folders are converted to L or RGB).
+        transform: an :class:`~diffusers_ve.data.ImageTransform` to resize and crop as the training script did.
+    """
     p = Path(data)
     if p.is_dir() and not (p / "dataset_info.json").exists() and not (p / "state.json").exists() \
             and not (p / "dataset_dict.json").exists():
-        return ImageFolder(data, channels)
+        return ImageFolder(data, channels, transform)
     import datasets
 
     ds = datasets.load_from_disk(data) if p.is_dir() else datasets.load_dataset(data, split=split)
@@ -93,7 +131,26 @@ def open_data(data: str, split: str = "test", column: Optional[str] = None, chan
         if split not in ds:
             raise ValueError(f"`--split` must be one of {list(ds)}; got {split!r}.")
         ds = ds[split]
-    return DatasetColumn(ds, column)
+    return DatasetColumn(ds, column, transform)
+
+
+def check_levels(data, num_levels: Optional[int], n: int) -> Optional[int]:
+    """Warn when the largest level in the first images is far below ``num_levels - 1``.
+
+    17-level PNGs evaluated as 256 levels give 8.8 instead of 3.1 bits/dim: the count of levels is part of the
+    answer. Returns the largest level seen (None for float images or continuous data).
+    """
+    if num_levels is None:
+        return None
+    images = [data[i] for i in range(min(n, LEVEL_CHECK_IMAGES))]
+    if not images or any(x.dtype != torch.uint8 for x in images):
+        return None
+    top = max(int(x.max()) for x in images)
+    if top < (num_levels - 1) // 2:
+        warnings.warn(f"the largest level in the first {len(images)} images is {top}, far below num_levels - 1 = "
+                      f"{num_levels - 1}: if the data have {top + 1} levels, pass `--num-levels {top + 1}` (with the "
+                      "wrong count, bits/dim are not comparable with anything).", stacklevel=2)
+    return top
 
 
 # ----------------------------------------------------------------------------------------------- runs
@@ -108,7 +165,8 @@ def _done_indices(parts: Path) -> set:
 def _save_part(parts: Path, index: Sequence[int], out) -> None:
     arrays = {k: getattr(out, k).detach().cpu().numpy() for k in FIELDS}
     tmp = parts / f".tmp-{os.getpid()}.npz"
-    np.savez(tmp, index=np.asarray(index, dtype=np.int64), **arrays)
+    # the pipeline's full protocol travels with every part, so a rerun with nothing left to do can report it
+    np.savez(tmp, index=np.asarray(index, dtype=np.int64), protocol=np.asarray(json.dumps(out.protocol)), **arrays)
     os.replace(tmp, parts / f"part-{index[0]:09d}-{len(index)}.npz")  # atomic: a part is whole or absent
 
 
@@ -123,7 +181,7 @@ def evaluate(pipe: VELikelihoodPipeline, data, output_dir: str, batch_size: int 
         output_dir: where parts, ``per_image.npz``, ``per_image.csv`` and ``summary.json`` go.
         batch_size: images per block (one pipeline call); results do not depend on it.
         seed: run seed; image ``i`` uses a generator seeded with ``(seed, i)``.
-        limit: evaluate only the first ``limit`` images.
+        limit: evaluate only the first ``limit`` images (>= 1; None: all).
         accelerator: an ``accelerate.Accelerator`` (one is made if None).
         stop_after_blocks: stop (as if killed) after this many blocks of this process: for testing resume.
 
@@ -133,11 +191,18 @@ def evaluate(pipe: VELikelihoodPipeline, data, output_dir: str, batch_size: int 
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"`limit` must be an integer >= 1 (the number of leading images to evaluate) or None for "
+                         f"all; got {limit!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be an integer >= 1; got {batch_size!r}.")
     acc = accelerator or Accelerator()
     out_dir, parts = Path(output_dir), Path(output_dir) / "parts"
     n = len(data) if limit is None else min(limit, len(data))
-    protocol = {"seed": seed, "num_images": n, **{k: v for k, v in call_kwargs.items() if k != "batch_size"}}
+    protocol = {"seed": seed, "num_images": n, **getattr(data, "protocol", {}),
+                **{k: v for k, v in call_kwargs.items() if k != "batch_size"}}
     if acc.is_main_process:
+        check_levels(data, call_kwargs.get("num_levels", 256), n)
         parts.mkdir(parents=True, exist_ok=True)
         if not (out_dir / "run.json").exists():
             (out_dir / "run.json").write_text(json.dumps(protocol, indent=1))
@@ -155,8 +220,7 @@ def evaluate(pipe: VELikelihoodPipeline, data, output_dir: str, batch_size: int 
         _save_part(parts, block, out)
         bar.set_postfix(bpd=f"{float(out.bits_per_dim.mean()):.4f}")
     acc.wait_for_everyone()
-    summary = _merge(out_dir, parts, n, out.protocol if blocks else None, acc.num_processes) \
-        if acc.is_main_process else None
+    summary = _merge(out_dir, parts, n, acc.num_processes) if acc.is_main_process else None
     acc.wait_for_everyone()
     return summary
 
@@ -168,10 +232,12 @@ def _check_protocol(path: Path, protocol: dict) -> None:
                          "`--output-dir` or delete it.")
 
 
-def _merge(out_dir: Path, parts: Path, n: int, protocol: Optional[dict], world: int) -> dict:
-    rows = {}
+def _merge(out_dir: Path, parts: Path, n: int, world: int) -> dict:
+    rows, protocol = {}, None
     for f in sorted(glob.glob(str(parts / "part-*.npz"))):
         with np.load(f) as z:
+            if protocol is None and "protocol" in z.files:
+                protocol = json.loads(str(z["protocol"]))
             for j, i in enumerate(z["index"].tolist()):
                 rows[i] = {k: z[k][j] for k in FIELDS}
     missing = sorted(set(range(n)) - set(rows))
@@ -184,13 +250,14 @@ def _merge(out_dir: Path, parts: Path, n: int, protocol: Optional[dict], world: 
         fh.write("index," + ",".join(FIELDS) + "\n")
         for i in idx:
             fh.write(f"{i}," + ",".join(f"{cols[k][i]:.10g}" for k in FIELDS) + "\n")
-    bpd, se = cols["bits_per_dim"], np.nan_to_num(cols["stderr_bits_per_dim"])
+    bpd, se = cols["bits_per_dim"], cols["stderr_bits_per_dim"]
     run = json.loads((out_dir / "run.json").read_text())
+    mc = float(np.sqrt((se**2).sum()) / n)  # NaN when any image's error is unknown: never reported as 0
     summary = {
         "num_images": int(n),
         "bits_per_dim": float(bpd.mean()),
-        "stderr_over_images": float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
-        "stderr_monte_carlo": float(np.sqrt((se**2).sum()) / n),
+        "stderr_over_images": float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1 else None,  # None: unknown
+        "stderr_monte_carlo": mc if math.isfinite(mc) else None,
         "log_likelihood_nats": float(cols["log_likelihood"].mean()),
         "model_calls_per_image": float(cols["nfe"].mean()),
         "num_processes": int(world),
@@ -198,8 +265,10 @@ def _merge(out_dir: Path, parts: Path, n: int, protocol: Optional[dict], world: 
         "run": run,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"{summary['bits_per_dim']:.5f} bits/dim (s.e. {summary['stderr_over_images']:.5f} over images, "
-          f"{summary['stderr_monte_carlo']:.5f} Monte-Carlo) on {n} images; protocol: {summary['protocol']}")
+    se_img, se_mc = (format_stderr(float("nan") if v is None else v)
+                     for v in (summary["stderr_over_images"], summary["stderr_monte_carlo"]))
+    print(f"{summary['bits_per_dim']:.5f} bits/dim (s.e. {se_img} over images, {se_mc} Monte-Carlo) on {n} images; "
+          f"protocol: {json.dumps({**run, **(protocol or {})})}")
     return summary
 
 
@@ -214,43 +283,93 @@ def load_pipeline(path: str, dtype: Optional[str] = None) -> VELikelihoodPipelin
     return pipe
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m diffusers_ve.evaluate`` (every flag with its help and default)."""
+    p = argparse.ArgumentParser(prog="python -m diffusers_ve.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--model", required=True, help="saved pipeline folder (unet/ and scheduler/)")
+    a("--data", required=True, help="image folder, save_to_disk folder or datasets name")
+    a("--split", default="test", help="datasets split (ignored for an image folder)")
+    a("--image-column", default=None,
+      help="datasets image column (None: the first of image, img, pixel_values, images)")
+    a("--output-dir", required=True, help="results, resumable parts and summary.json go here")
+    a("--method", default="elbo", choices=("elbo", "ode"), help="ELBO (a bound) or probability-flow ODE")
+    a("--num-t-samples", type=int, default=64, help="ELBO: model calls per image for the integral over t")
+    a("--num-decoder-samples", type=int, default=8, help="ELBO with the decoder: z(t_min) draws per image")
+    a("--num-levels", default="256", help="n of n-level data (256 for 8-bit, 17 for the digits), or 'none' for "
+                                          "continuous data")
+    a("--prior", default="vp", choices=("vp", "ve"), help="prior at T: N(0, (1+T) I) or N(0, T I)")
+    a("--dequantization", default=None, choices=("decoder", "uniform"),
+      help="n-level data (None: decoder for the ELBO, uniform for the ODE)")
+    a("--rtol", type=float, default=1e-4, help="ODE: relative tolerance (per image)")
+    a("--atol", type=float, default=1e-4, help="ODE: absolute tolerance (per image)")
+    a("--trace", default="auto", choices=("auto", "exact", "hutchinson"),
+      help="ODE divergence: exact up to d = 64 with auto")
+    a("--num-probes", type=int, default=4, help="ODE: Hutchinson probes per image")
+    a("--num-dequant", type=int, default=1, help="ODE: uniform dequantisation repeats per image")
+    a("--resolution", type=int, default=None,
+      help="resize the short side to this and crop square, as the training script does (None: as stored)")
+    a("--center-crop", "--center_crop", dest="center_crop", action="store_true",
+      help="with --resolution: centre crop (else a random crop, fixed per image index)")
+    a("--resample", default="bilinear", choices=RESAMPLE, help="with --resolution: resize filter")
+    a("--batch-size", type=int, default=16, help="images per block (one pipeline call; a unit of resume)")
+    a("--seed", type=int, default=0, help="run seed: image i draws its noise from (seed, i)")
+    a("--limit", type=int, default=None,
+      help="evaluate only the first LIMIT images, e.g. for a quick estimate (>= 1; None: all)")
+    a("--dtype", default=None, choices=("float32", "float64", "float16", "bfloat16"),
+      help="model dtype (None: as saved)")
+    a("--stop-after-blocks", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m diffusers_ve.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="saved pipeline folder (unet/ and scheduler/)")
-    p.add_argument("--data", required=True, help="image folder, save_to_disk folder or datasets name")
-    p.add_argument("--split", default="test")
-    p.add_argument("--image-column", default=None)
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--method", default="elbo", choices=("elbo", "ode"))
-    p.add_argument("--num-t-samples", type=int, default=64)
-    p.add_argument("--num-levels", default="256", help="n of n-level data, or 'none' for continuous data")
-    p.add_argument("--prior", default="vp", choices=("vp", "ve"))
-    p.add_argument("--dequantization", default=None, choices=("decoder", "uniform"))
-    p.add_argument("--rtol", type=float, default=1e-4)
-    p.add_argument("--atol", type=float, default=1e-4)
-    p.add_argument("--trace", default="auto", choices=("auto", "exact", "hutchinson"))
-    p.add_argument("--num-probes", type=int, default=4)
-    p.add_argument("--num-dequant", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--dtype", default=None, choices=("float32", "float64", "float16", "bfloat16"))
-    p.add_argument("--stop-after-blocks", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    """Parse and check the flags; a bad value exits with status 2 and a one-line ``error: ...``."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        fail(f"--limit must be >= 1 (the number of leading images to evaluate); got {args.limit}. "
+                "Leave it out to evaluate all images.")
+    for name in ("num_t_samples", "num_decoder_samples", "num_probes", "num_dequant", "batch_size", "resolution"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1; got {value}.")
+    try:
+        args.num_levels = None if args.num_levels.lower() == "none" else int(args.num_levels)
+    except ValueError:
+        fail(f"--num-levels must be an integer >= 2 or 'none'; got {args.num_levels!r}.")
+    if args.num_levels is not None and args.num_levels < 2:
+        fail(f"--num-levels must be an integer >= 2 or 'none'; got {args.num_levels}.")
+    return args
 
 
 def main(argv=None):
+    """Run the CLI; bad input (data, model folder, protocol clash) ends as one ``error: ...`` line, status 2."""
     a = parse_args(argv)
-    levels = None if a.num_levels.lower() == "none" else int(a.num_levels)
-    pipe = load_pipeline(a.model, a.dtype)
-    data = open_data(a.data, a.split, a.image_column, pipe.unet.config.get("in_channels", 3))
-    kwargs = dict(method=a.method, num_levels=levels, prior=a.prior, dequantization=a.dequantization)
-    if a.method == "elbo":
-        kwargs.update(num_t_samples=a.num_t_samples)
-    else:
-        kwargs.update(rtol=a.rtol, atol=a.atol, trace=a.trace, num_probes=a.num_probes, num_dequant=a.num_dequant)
-    return evaluate(pipe, data, a.output_dir, a.batch_size, a.seed, a.limit, stop_after_blocks=a.stop_after_blocks,
-                    **kwargs)
+    if not Path(a.model).is_dir():
+        fail(f"--model must be a folder saved with save_pretrained (unet/ and scheduler/); got {a.model!r}.")
+    try:
+        pipe = load_pipeline(a.model, a.dtype)
+        channels = pipe.unet.config.get("in_channels", 3)
+        transform = None if a.resolution is None else ImageTransform(a.resolution, channels, a.center_crop,
+                                                                     resample=a.resample)
+        data = open_data(a.data, a.split, a.image_column, channels, transform)
+        if transform is not None:
+            data.protocol = {"resolution": a.resolution, "center_crop": a.center_crop, "resample": a.resample}
+        kwargs = dict(method=a.method, num_levels=a.num_levels, prior=a.prior, dequantization=a.dequantization)
+        if a.method == "elbo":
+            kwargs.update(num_t_samples=a.num_t_samples, num_decoder_samples=a.num_decoder_samples)
+        else:
+            kwargs.update(rtol=a.rtol, atol=a.atol, trace=a.trace, num_probes=a.num_probes, num_dequant=a.num_dequant)
+        return evaluate(pipe, data, a.output_dir, a.batch_size, a.seed, a.limit, stop_after_blocks=a.stop_after_blocks,
+                        **kwargs)
+    except (ValueError, OSError) as err:  # OSError: a missing or unreadable model, data or output folder
+        fail(str(err))
+
+
+def fail(message: str):
+    """Exit with status 2 and one line ``<prog>: error: message`` on stderr (no traceback, no usage block)."""
+    build_parser().exit(2, f"{build_parser().prog}: error: {' '.join(message.split())}\n")
 
 
 if __name__ == "__main__":

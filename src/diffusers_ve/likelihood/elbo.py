@@ -15,7 +15,7 @@ import torch
 from scipy.special import chdtr, chdtri
 
 from .. import process
-from .common import Estimate, check_generators, check_positive_int, check_t_range, chunked, dim_of
+from .common import Estimate, check_generators, check_positive_int, check_t_range, chunked, dim_of, draw
 from .discrete import dequantization_offset, dequantize, discretized_log_prob
 from .prior import Prior, make_prior, prior_kl
 
@@ -29,18 +29,16 @@ def control_weight(t: torch.Tensor, variance) -> torch.Tensor:
     return (v / (v + t)) ** 2
 
 
-def _draws(gens: List[torch.Generator], m: int, shape, uniform: bool, decoder: bool):
-    """Per-image randomness in a fixed order: stratum jitter, eps, dequantisation noise, decoder eps."""
-    jit, eps, deq, dec = [], [], [], []
-    for g in gens:
-        jit.append(torch.rand(m, generator=g, dtype=torch.float64))
-        eps.append(torch.randn((m, *shape), generator=g, dtype=torch.float64))
-        if uniform:
-            deq.append(torch.rand((m, *shape), generator=g, dtype=torch.float64) * 2 - 1)
-        if decoder:
-            dec.append(torch.randn((1, *shape), generator=g, dtype=torch.float64))
-    cat = lambda xs: torch.stack(xs) if xs else None  # noqa: E731
-    return cat(jit), cat(eps), cat(deq), cat(dec)
+def _draws(g: torch.Generator, m: int, shape, uniform: bool, decoders: int):
+    """One image's randomness in a fixed order: stratum jitter, eps, dequantisation noise, decoder eps."""
+    jit, eps = draw("rand", (m,), g), draw("randn", (m, *shape), g)
+    deq = draw("rand", (m, *shape), g) * 2 - 1 if uniform else None
+    dec = draw("randn", (decoders, *shape), g) if decoders else None
+    return jit, eps, deq, dec
+
+
+def _stack(draws, i: int, dev):
+    return None if draws[0][i] is None else torch.stack([d[i] for d in draws]).to(dev)
 
 
 def radial_antithesis(eps: torch.Tensor) -> torch.Tensor:
@@ -115,6 +113,7 @@ def elbo_log_likelihood(
     dequantization: str = "decoder",
     control_variate: bool = True,
     batch_size: int = 256,
+    num_decoder_samples: int = 8,
 ) -> Estimate:
     """Unbiased Monte-Carlo ELBO per image: ``ln t`` uniform and stratified, antithetic pairs, control variate.
 
@@ -125,47 +124,76 @@ def elbo_log_likelihood(
     Args:
         denoiser: ``yhat(z, t)`` in VE terms (a :class:`~diffusers_ve.denoiser.Denoiser`).
         y: (B, C, H, W) images in VE data space (= model space, e.g. [-1, 1]).
-        generators: one CPU generator per image; all of image i's noise comes from ``generators[i]``.
+        generators: one generator per image (CPU or CUDA; each draws on its own device); all of image i's
+            noise comes from ``generators[i]``.
         num_t_samples: K, model calls per image for the integral.
         t_min, t_max: integration range (VE variance); defaults: the model table's ends.
         prior: a :class:`Prior` or ``"vp"`` / ``"ve"``.
         num_levels: n for n-level data on the grid ``2x/(n-1) - 1``; None for continuous data.
-        dequantization: for n-level data, ``"decoder"`` (discretised Gaussian at ``t_min``, one more call) or
-            ``"uniform"`` (a fresh ``y + delta u`` per stratum).
+        dequantization: for n-level data, ``"decoder"`` (discretised Gaussian at ``t_min``, averaged over
+            ``num_decoder_samples`` draws of ``z(t_min)``) or ``"uniform"`` (a fresh ``y + delta u`` per stratum).
         control_variate: use the cross-fitted control variate (:func:`cross_fitted_control`).
-        batch_size: model batch (memory only; results do not depend on it).
+        batch_size: model batch; images are processed in groups of ``max(1, batch_size // K)``, so memory
+            scales with it (results do not depend on it).
+        num_decoder_samples: R, decoder draws (model calls) per image with ``dequantization="decoder"``. At 8
+            bits the decoder term is the largest noise source, so it is averaged and its variance enters the
+            standard error; R = 1 leaves that variance unknown (NaN standard error).
 
     Returns:
-        :class:`Estimate`: nats per image, its standard error (:func:`stratified_stderr`; the single decoder
-        draw is not included) and model calls.
+        :class:`Estimate`: nats per image, its standard error (:func:`stratified_stderr` of the integral, plus
+        the spread of the decoder draws over R), model calls (K, + R with the decoder) and the protocol.
     """
     k = check_positive_int(num_t_samples, "num_t_samples")
     if dequantization not in DEQUANTIZATIONS:
         raise ValueError(f"`dequantization` must be one of {DEQUANTIZATIONS}; got {dequantization!r}.")
     lo, hi = check_t_range(denoiser.axis, t_min, t_max)
     gens = check_generators(generators, y.shape[0])
+    size = check_positive_int(batch_size, "batch_size")
     prior = make_prior(prior, hi) if isinstance(prior, str) else prior
-    b, d, dev, shape = y.shape[0], dim_of(y), y.device, y.shape[1:]
+    b, d = y.shape[0], dim_of(y)
     y = y.to(torch.float64)
-    discrete = num_levels is not None
-    uniform, decoder = discrete and dequantization == "uniform", discrete and dequantization == "decoder"
+    decoder = num_levels is not None and dequantization == "decoder"
+    r = check_positive_int(num_decoder_samples, "num_decoder_samples") if decoder else 0
     m = (k + 1) // 2
-    jit, eps, deq, dec = (None if a is None else a.to(dev) for a in _draws(gens, m, shape, uniform, decoder))
-    log_edges = torch.linspace(math.log(lo), math.log(hi), m + 1, dtype=torch.float64, device=dev)
-    ym = dequantize(y[:, None], num_levels, deq) if uniform else y[:, None].expand(b, m, *shape)
+    log_edges = torch.linspace(math.log(lo), math.log(hi), m + 1, dtype=torch.float64, device=y.device)
+    group = max(1, size // k)  # images per pass: at most max(batch_size, K) rows of d values live at once
+    parts = [_image_group(denoiser, y[i:i + group], gens[i:i + group], log_edges, k, r, prior, num_levels,
+                          dequantization, control_variate, size) for i in range(0, b, group)]
+    values = torch.cat([p[0] for p in parts])
+    log_likelihood, var = values.mean(1), stratified_stderr(values) ** 2
+    if decoder:  # the decoder replaces the Gaussian t_min term; its draws are independent of the integral's
+        dec = torch.cat([p[1] for p in parts])
+        log_likelihood = log_likelihood + dec.mean(1)
+        var = var + (dec.var(1) / r if r > 1 else torch.full_like(var, math.nan))
+    else:
+        log_likelihood = log_likelihood - 0.5 * d * math.log(2 * math.pi * math.e * lo)
+        if num_levels is not None:
+            log_likelihood = log_likelihood + dequantization_offset(num_levels, d)
+    protocol = {"num_t_samples": k, "t_sampling": "ln t uniform, stratified, radial antithetic",
+                "control_variate": control_variate, **({"num_decoder_samples": r} if decoder else {})}
+    nfe = torch.full((b,), k + r, dtype=torch.long)
+    return Estimate(log_likelihood.cpu(), var.sqrt().cpu(), nfe, {"strata": m}, protocol)
 
+
+def _image_group(denoiser, y, gens, log_edges, k: int, r: int, prior, num_levels, dequantization: str,
+                 control_variate: bool, batch_size: int):
+    """A group of images: (G, M) stratum values of the integral minus the prior KL, and (G, R) decoder terms."""
+    b, shape, dev = y.shape[0], y.shape[1:], y.device
+    m, hi = log_edges.numel() - 1, float(log_edges[-1].exp())
+    uniform = num_levels is not None and dequantization == "uniform"
+    draws = [_draws(g, m, shape, uniform, r) for g in gens]
+    jit, eps, deq, dec = (_stack(draws, i, dev) for i in range(4))
+    ym = dequantize(y[:, None], num_levels, deq) if uniform else y[:, None].expand(b, m, *shape)
     values = _integral_terms(denoiser, ym, eps, jit, log_edges, k, batch_size, control_variate)
     values = values - prior_kl(ym.reshape(b * m, *shape), hi, prior).reshape(b, m)
-    nfe = torch.full((b,), k, dtype=torch.long)
-    if decoder:  # the decoder replaces the Gaussian t_min term
-        mu = denoiser(process.noisy(y, dec[:, 0], lo), torch.full((b,), lo, dtype=torch.float64))
-        values = values + discretized_log_prob(y, mu.to(torch.float64), lo, num_levels)[:, None]
-        nfe += 1
-    else:
-        values = values - 0.5 * d * math.log(2 * math.pi * math.e * lo)
-        if uniform:
-            values = values + dequantization_offset(num_levels, d)
-    return Estimate(values.mean(1).cpu(), stratified_stderr(values).cpu(), nfe, {"strata": m})
+    if not r:
+        return values, None
+    lo = float(log_edges[0].exp())
+    yr = y[:, None].expand(b, r, *shape).reshape(b * r, *shape)
+    z = process.noisy(yr, dec.reshape(b * r, *shape), lo)
+    mu = chunked(lambda zz, tt: denoiser(zz, tt).to(torch.float64), z,
+                 torch.full((b * r,), lo, dtype=torch.float64, device=dev), batch_size)
+    return values, discretized_log_prob(yr, mu, lo, num_levels).reshape(b, r)
 
 
 def _integral_terms(denoiser, ym, eps, jit, log_edges, k: int, batch_size: int, control_variate: bool):
@@ -206,14 +234,14 @@ def elbo_integrand(denoiser, y: torch.Tensor, t: torch.Tensor, generator: torch.
     Args:
         y: (B, C, H, W) images (VE data space); the result averages over them.
         t: (N,) VE times.
-        generator: CPU generator for the ``num_eps`` noise draws per image and time.
+        generator: generator (CPU or CUDA) for the ``num_eps`` noise draws per image and time.
 
     Returns:
         (N,) float64. A Gaussian decoder with nothing learned sits at ``1/(2 ln 2) = 0.72``.
     """
     t = torch.as_tensor(t, dtype=torch.float64)
     b, n, d = y.shape[0], t.numel(), dim_of(y)
-    eps = torch.randn((n, num_eps, *y.shape), generator=generator, dtype=torch.float64).to(y.device)
+    eps = draw("randn", (n, num_eps, *y.shape), generator).to(y.device)
     yy = y.to(torch.float64)[None, None].expand_as(eps).reshape(-1, *y.shape[1:])
     tt = t.to(y.device)[:, None, None].expand(n, num_eps, b).reshape(-1)
     ee = eps.reshape(-1, *y.shape[1:])

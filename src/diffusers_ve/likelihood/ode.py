@@ -1,8 +1,12 @@
-"""The probability-flow ODE likelihood (math.md §5), integrated in ``u = ln t`` with per-image error control.
+"""The probability-flow ODE likelihood (math.md §5), with per-image error control.
 
-    dz/du = (z - yhat(z, t)) / 2,    d ell/du = (d - tr grad_z yhat) / 2,    z(t_min) = y
+In VE time the flow and the log-density change are
+
+    dz/dt = (z - yhat(z, t)) / (2t),    d ell/dt = (d - tr grad_z yhat) / (2t),    z(t_min) = y
     ln p_{t_min}(y) = ln p_prior(z(T)) + ell(T)
 
+(:func:`diffusers_ve.process.pf_ode_drift`). They are integrated in ``sigma = sqrt(t)`` by default
+(``variable="sigma"``: solutions are nearly linear at both ends) or in ``ln t`` (``variable="log_t"``).
 Every image (and every dequantisation repeat) carries its own step size and accept/reject decisions, so a
 result does not depend on what else is in the batch; images that finish leave the model batch.
 """
@@ -14,7 +18,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .common import Estimate, check_generators, check_positive_int, check_t_range, dim_of
+from .. import process
+from .common import Estimate, check_generators, check_positive_int, check_t_range, dim_of, draw
 from .discrete import dequantization_offset, dequantize
 from .prior import Prior, make_prior, prior_log_prob
 
@@ -114,8 +119,18 @@ def solve_fixed(f: Callable, y0: torch.Tensor, grid: Sequence[float]):
     return y, torch.full((n,), 1 + 6 * (len(grid) - 1), dtype=torch.long)
 
 
-def _divergence(denoiser, z: torch.Tensor, t: torch.Tensor, probes: Optional[torch.Tensor]):
-    """``yhat`` and ``v^T (d yhat / d z) v`` per probe (Hutchinson) or the exact trace (probes None): (N, P)."""
+def divergence(denoiser, z: torch.Tensor, t: torch.Tensor, probes: Optional[torch.Tensor] = None):
+    """``yhat(z, t)`` and the divergence term ``tr grad_z yhat`` of the flow.
+
+    Args:
+        denoiser: ``yhat(z, t)`` in VE terms.
+        z: (N, ...) VE states; t: (N,) VE times.
+        probes: (P, N, ...) Hutchinson probes (``v^T (d yhat / d z) v`` per probe), or None for the exact trace
+            (d backward passes, vectorised where the model allows).
+
+    Returns:
+        ``(yhat, tr)``: ``yhat`` like ``z`` (in ``z``'s dtype) and ``tr`` of shape (N, P) (P = 1 when exact).
+    """
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
         yhat = denoiser(z, t).to(z.dtype)
@@ -160,7 +175,8 @@ def ode_log_likelihood(
     Args:
         denoiser: ``yhat(z, t)`` in VE terms (a :class:`~diffusers_ve.denoiser.Denoiser`).
         y: (B, C, H, W) images in VE data space (= model space).
-        generators: one CPU generator per image (probes and dequantisation noise of image i).
+        generators: one generator per image (probes and dequantisation noise of image i; CPU or CUDA, each
+            draws on its own device).
         t_min, t_max: integration range (VE variance); defaults: the model table's ends.
         prior: a :class:`Prior` or ``"vp"`` / ``"ve"``; ``ln p_prior(z(T))`` closes the integral.
         rtol, atol: tolerances of the adaptive solver (per image).
@@ -174,7 +190,8 @@ def ode_log_likelihood(
             ``"log_t"``.
 
     Returns:
-        :class:`Estimate` (nats; ``extras["latent"]`` holds ``z(T)``, ``extras["delta_logp"]`` the integral).
+        :class:`Estimate` (nats; ``extras["latent"]`` holds ``z(T)``, ``extras["delta_logp"]`` the integral;
+        ``protocol`` the solver, variable, tolerances or steps, trace and dequantisation repeats).
     """
     if trace not in TRACES:
         raise ValueError(f"`trace` must be one of {TRACES}; got {trace!r}.")
@@ -193,29 +210,34 @@ def ode_log_likelihood(
     p = 1 if exact else check_positive_int(num_probes, "num_probes")
 
     yy, v_all = _starts_and_probes(y, gens, num_levels, reps, None if exact else p)
-    to_t, s_lo, s_hi = (lambda s: s.square(), math.sqrt(lo), math.sqrt(hi)) if variable == "sigma" else \
-        (torch.exp, math.log(lo), math.log(hi))
+    # s is the integration variable: t = s^2 (dt/ds = 2s) or t = e^s (dt/ds = t)
+    to_s, to_t, dt_ds = (math.sqrt, torch.square, lambda s: 2 * s) if variable == "sigma" else \
+        (math.log, torch.exp, torch.exp)
 
-    def f(s, state, rows):  # d/ds of (z, ell): ((dt/ds) / (2t)) * (z - yhat, d - tr)
+    def f(s, state, rows):  # d/ds of (z, ell) = (dt/ds) * (dz/dt, d ell/dt)
         z = state[:, :d].reshape(-1, *shape)
-        yhat, tr = _divergence(denoiser, z, to_t(s), None if exact else v_all[:, rows])
-        rate = (1.0 / s if variable == "sigma" else torch.full_like(s, 0.5))[:, None]
-        return rate * torch.cat([(z - yhat).reshape(len(z), d), d - tr], 1)
+        t = to_t(s)
+        yhat, tr = divergence(denoiser, z, t, None if exact else v_all[:, rows])
+        rates = [process.pf_ode_drift(z, yhat, t).reshape(len(z), d), process.pf_ode_drift(d, tr, t)]
+        return dt_ds(s)[:, None] * torch.cat(rates, 1)
 
     y0 = torch.cat([yy.reshape(b * reps, d), torch.zeros(b * reps, p, dtype=torch.float64, device=dev)], 1)
     if solver == "dopri5":
-        y1, nfe = solve_dopri5(f, y0, s_lo, s_hi, float(rtol), float(atol), d)
+        y1, nfe = solve_dopri5(f, y0, to_s(lo), to_s(hi), float(rtol), float(atol), d)
     else:
         steps = check_positive_int(num_steps, "num_steps")  # equal steps in ln t, whatever the variable
-        grid = [s_lo * (s_hi / s_lo) ** (i / steps) for i in range(steps + 1)] if variable == "sigma" else \
-            [s_lo + (s_hi - s_lo) * i / steps for i in range(steps + 1)]
-        y1, nfe = solve_fixed(f, y0, grid)
+        y1, nfe = solve_fixed(f, y0, [to_s(t) for t in reversed(process.log_t_grid(lo, hi, steps + 1))])
     latent, delta = y1[:, :d].reshape(b, reps, *shape), y1[:, d:].reshape(b, reps, p)
     logp = prior_log_prob(latent.reshape(b * reps, *shape), prior).reshape(b, reps, 1) + delta
     if num_levels is not None:
         logp = logp + dequantization_offset(num_levels, d)
     extras = {"latent": latent[:, 0].cpu(), "delta_logp": delta.cpu()}
-    return Estimate(logp.mean((1, 2)).cpu(), _stderr(logp, exact).cpu(), nfe.reshape(b, reps).sum(1), extras)
+    protocol = {"solver": solver, "variable": variable,
+                **({"rtol": rtol, "atol": atol} if solver == "dopri5" else {"num_steps": num_steps}),
+                "trace": "exact" if exact else f"hutchinson (Rademacher, {p} probes)",
+                **({"num_dequant": reps} if num_levels is not None else {})}
+    return Estimate(logp.mean((1, 2)).cpu(), _stderr(logp, exact).cpu(), nfe.reshape(b, reps).sum(1), extras,
+                    protocol)
 
 
 def _starts_and_probes(y, gens, num_levels, reps: int, probes: Optional[int]):
@@ -227,12 +249,12 @@ def _starts_and_probes(y, gens, num_levels, reps: int, probes: Optional[int]):
     deq, vs = [], []
     for g in gens:
         if num_levels is not None:
-            deq.append(torch.rand((reps, *shape), generator=g, dtype=torch.float64) * 2 - 1)
+            deq.append(draw("rand", (reps, *shape), g).to(dev) * 2 - 1)
         if probes is not None:
-            vs.append(torch.randint(0, 2, (probes, reps, *shape), generator=g).to(torch.float64) * 2 - 1)
+            vs.append(draw("sign", (probes, reps, *shape), g).to(dev))
     yy = y.to(torch.float64)[:, None].expand(b, reps, *shape)
     if num_levels is not None:
-        yy = dequantize(yy, num_levels, torch.stack(deq).to(dev))
+        yy = dequantize(yy, num_levels, torch.stack(deq))
     return yy, None if probes is None else torch.stack(vs, 1).reshape(probes, b * reps, *shape).to(dev)
 
 

@@ -5,7 +5,17 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+
+TITLE_SIZE = 13  # px; Pillow's default font at its 10 px default squeezes some spaces to nothing ("bitsgo")
+
+
+def title_font():
+    """Pillow's default (FreeType) font at :data:`TITLE_SIZE`, or the bitmap default on an old Pillow."""
+    try:
+        return ImageFont.load_default(size=TITLE_SIZE)
+    except TypeError:  # Pillow < 10.1 has no sized default font
+        return ImageFont.load_default()
 
 
 def line_plot(x: Sequence[float], ys: dict, title: str = "", xlabel: str = "", ylabel: str = "",
@@ -33,7 +43,7 @@ def line_plot(x: Sequence[float], ys: dict, title: str = "", xlabel: str = "", y
         c = colours[k % len(colours)]
         dr.line([(px(a), py(b)) for a, b in zip(x, vs)], fill=c, width=2)
         dr.text((left + 8, top + 4 + 12 * k), label, fill=c)
-    dr.text((left, 8), title, fill="black")
+    dr.text((left, 6), title, fill="black", font=title_font())
     dr.text((w // 2 - 40, h - 18), xlabel, fill="black")
     dr.text((left + 8, h - bottom - 14), ylabel, fill="gray")
     return img

@@ -12,6 +12,7 @@ import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from .. import process
 from ..denoiser import Denoiser
 from ..likelihood import common, discrete, ode
 from ..likelihood.elbo import elbo_integrand, elbo_log_likelihood
@@ -29,7 +30,8 @@ class VELikelihoodPipelineOutput(BaseOutput):
         log_likelihood: (B,) nats per image: ``ln P(x)`` of the discrete data when ``num_levels`` was used,
             else ``ln p(y)`` of the continuous model-space tensor.
         bits_per_dim: (B,) ``-log_likelihood / (d ln 2)``.
-        stderr: (B,) Monte-Carlo standard error of ``log_likelihood`` (nats; 0 where deterministic).
+        stderr: (B,) Monte-Carlo standard error of ``log_likelihood`` (nats; 0 where deterministic, NaN where
+            the draws cannot estimate it: fewer than 3 ELBO samples, one Hutchinson probe, one decoder draw).
         stderr_bits_per_dim: (B,) the same in bits/dim.
         nfe: (B,) model calls per image.
         protocol: method, t range, prior, samples or tolerances, trace, dequantisation, levels, dimension.
@@ -43,13 +45,22 @@ class VELikelihoodPipelineOutput(BaseOutput):
     protocol: dict
 
     def summary(self) -> str:
-        """One line: mean bits/dim, its standard errors (Monte-Carlo; over images) and the protocol."""
+        """One line: mean bits/dim, its standard errors (Monte-Carlo; over images) and the protocol.
+
+        An unknown standard error (NaN for any image, or one image for the spread) prints as ``n/a``.
+        """
         n, bpd = len(self.bits_per_dim), self.bits_per_dim.double()
-        mc = float(self.stderr_bits_per_dim.double().nan_to_num(0.0).pow(2).sum().sqrt()) / n
+        mc = float(self.stderr_bits_per_dim.double().pow(2).sum().sqrt()) / n  # NaN stays NaN: unknown, not 0
         spread = float(bpd.std() / math.sqrt(n)) if n > 1 else float("nan")
         proto = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.protocol.items())
-        return (f"{float(bpd.mean()):.5f} bits/dim over {n} images (s.e. {mc:.5f} Monte-Carlo, {spread:.5f} over "
-                f"images; {float(self.nfe.double().mean()):.1f} model calls/image) [{proto}]")
+        return (f"{float(bpd.mean()):.5f} bits/dim over {n} images (s.e. {format_stderr(mc)} Monte-Carlo, "
+                f"{format_stderr(spread)} over images; {float(self.nfe.double().mean()):.1f} model calls/image) "
+                f"[{proto}]")
+
+
+def format_stderr(value: float) -> str:
+    """A standard error with 5 decimals, or ``n/a`` when it is unknown (NaN): never a false 0."""
+    return f"{value:.5f}" if math.isfinite(value) else "n/a"
 
 
 class VELikelihoodPipeline(DiffusionPipeline):
@@ -97,11 +108,15 @@ class VELikelihoodPipeline(DiffusionPipeline):
         if isinstance(images, (list, tuple)) and images and isinstance(images[0], PIL.Image.Image):
             arrays = [np.asarray(im) for im in images]
             images = torch.as_tensor(np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])).permute(0, 3, 1, 2)
+        if isinstance(images, (list, tuple)) and not images:
+            raise ValueError("`images` is empty: pass at least one image.")
         x = torch.as_tensor(images)
         if x.ndim == 3:
             x = x[None]
         if x.ndim != 4:
             raise ValueError(f"`images` must have shape (B, C, H, W); got {tuple(x.shape)}.")
+        if x.shape[0] == 0:
+            raise ValueError("`images` is empty (a batch of 0 images): pass at least one image.")
         if x.dtype == torch.uint8:
             if num_levels is None or int(x.max()) > num_levels - 1:
                 raise ValueError(f"uint8 `images` must hold levels 0..num_levels-1 with `num_levels` set; got max "
@@ -133,11 +148,13 @@ class VELikelihoodPipeline(DiffusionPipeline):
 
     def generators(self, batch: int, generator=None, seed: Optional[int] = None,
                    indices: Optional[Sequence[int]] = None) -> List[torch.Generator]:
-        """One generator per image, seeded by ``(seed, global index)``; a single ``generator`` draws ``seed``."""
+        """One CPU generator per image, seeded by ``(seed, global index)``; a single ``generator`` (CPU or CUDA)
+        draws ``seed``; a list of generators (CPU or CUDA) is used as given."""
         if isinstance(generator, (list, tuple)):
             return common.check_generators(list(generator), batch)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        if seed is None:  # on the generator's own device: a CUDA generator cannot draw a CPU tensor
+            dev = generator.device if generator is not None else "cpu"
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=dev))
         indices = range(batch) if indices is None else list(indices)
         if len(indices) != batch:
             raise ValueError(f"`indices` must give one global index per image ({batch}); got {len(indices)}.")
@@ -168,6 +185,7 @@ class VELikelihoodPipeline(DiffusionPipeline):
         seed: Optional[int] = None,
         indices: Optional[Sequence[int]] = None,
         batch_size: int = 256,
+        num_decoder_samples: int = 8,
         return_dict: bool = True,
     ) -> Union[VELikelihoodPipelineOutput, tuple]:
         """Estimate ``ln p`` and bits/dim per image.
@@ -176,7 +194,8 @@ class VELikelihoodPipeline(DiffusionPipeline):
             images: see :meth:`preprocess` (float in [-1, 1], uint8 levels, or PIL).
             method: ``"elbo"`` (McAllester's VAE expression, a bound, stochastic) or ``"ode"`` (probability flow).
             num_t_samples: ELBO: model calls per image for the integral over ``t``.
-            generator: a generator (draws the run seed) or one generator per image.
+            generator: a generator (draws the run seed) or one generator per image; CPU or CUDA (noise is drawn
+                on the generator's device, so CPU generators give the same numbers on every device).
             num_levels: n of n-level data (256 for 8-bit; 17 for the digits); ``None``: continuous data, no
                 dequantisation, ``ln p(y)`` of the tensor itself.
             t_min, t_max: VE range of the integral (default: the model table's ends).
@@ -190,7 +209,9 @@ class VELikelihoodPipeline(DiffusionPipeline):
             num_dequant: ODE: dequantisation repeats per image.
             prediction_type: optional check against the scheduler config (a mismatch is an error).
             seed, indices: run seed and global image indices (``python -m diffusers_ve.evaluate`` uses them).
-            batch_size: ELBO model batch (memory only).
+            batch_size: ELBO model batch; memory scales with it (values do not depend on it).
+            num_decoder_samples: ELBO with the discretised decoder: draws of ``z(t_min)`` per image (model calls),
+                averaged; their spread enters the standard error (1: NaN standard error).
             return_dict: return a :class:`VELikelihoodPipelineOutput` (else a tuple of its fields).
 
         Returns:
@@ -206,29 +227,16 @@ class VELikelihoodPipeline(DiffusionPipeline):
         deq = self._dequantization(method, num_levels, dequantization)
         if method == "elbo":
             est = elbo_log_likelihood(den, y, gens, num_t_samples, lo, hi, pri, num_levels, deq or "decoder",
-                                      control_variate, batch_size)
-            details = {"num_t_samples": num_t_samples, "t_sampling": "ln t uniform, stratified, radial antithetic",
-                       "control_variate": control_variate}
+                                      control_variate, batch_size, num_decoder_samples)
         else:
             est = ode.ode_log_likelihood(den, y, gens, lo, hi, pri, rtol, atol, solver, num_steps, trace, num_probes,
                                          num_levels, num_dequant)
-            details = self._ode_protocol(y, solver, rtol, atol, num_steps, trace, num_probes, num_levels, num_dequant)
         d = common.dim_of(y)
-        protocol = {"method": method, "t_min": lo, "t_max": hi, "prior": pri.describe(), **details,
+        protocol = {"method": method, "t_min": lo, "t_max": hi, "prior": pri.describe(), **est.protocol,
                     "dequantization": deq or "none", "num_levels": num_levels, "dim": d}
         out = VELikelihoodPipelineOutput(est.log_likelihood, discrete.bits_per_dim(est.log_likelihood, d), est.stderr,
                                          est.stderr / (d * discrete.LN2), est.nfe, protocol)
         return out if return_dict else tuple(out.values())
-
-    @staticmethod
-    def _ode_protocol(y, solver, rtol, atol, num_steps, trace, num_probes, num_levels, num_dequant) -> dict:
-        exact = trace == "exact" or (trace == "auto" and common.dim_of(y) <= ode.EXACT_TRACE_MAX_DIM)
-        out = {"solver": solver, "variable": "sigma"}
-        out.update({"rtol": rtol, "atol": atol} if solver == "dopri5" else {"num_steps": num_steps})
-        out["trace"] = "exact" if exact else f"hutchinson (Rademacher, {num_probes} probes)"
-        if num_levels:
-            out["num_dequant"] = num_dequant
-        return out
 
     @staticmethod
     def _dequantization(method: str, num_levels, dequantization):
@@ -252,7 +260,7 @@ class VELikelihoodPipeline(DiffusionPipeline):
         """
         den = self.denoiser()
         y = self.preprocess(images, num_levels).to(self._execution_device)
-        t = torch.logspace(math.log10(den.axis.t_min), math.log10(den.axis.t_max), num_t, dtype=torch.float64)
+        t = torch.tensor(process.log_t_grid(den.axis.t_min, den.axis.t_max, num_t)[::-1], dtype=torch.float64)
         gen = generator or torch.Generator().manual_seed(0)
         groups = {lab: y[i:i + 1] for i, lab in enumerate(labels)} if labels else {f"mean over {len(y)} images": y}
         curves = {lab: elbo_integrand(den, yy, t, gen, num_eps).tolist() for lab, yy in groups.items()}
