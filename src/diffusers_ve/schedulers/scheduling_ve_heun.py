@@ -29,25 +29,9 @@ class VEHeunScheduler(VESchedulerBase):
     ``timesteps`` are laid out as in ``HeunDiscreteScheduler``: ``[tau_0, tau_1, tau_1, tau_2, tau_2, ...]``, one
     entry per model call (``2N - 1`` for ``N`` grid points ending at ``t = 0``), and ``order = 2``.
 
-    Args:
-        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr:
-            the model's DDPM beta table (as in ``DDPMScheduler``); it defines the time axis ``t <-> timestep``.
-        prediction_type: what the model predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
-        reverse_noise: lambda, a finite real >= 0. 0 = probability-flow ODE, 1 = reverse noise equal to the
-            forward noise, larger = more.
-        reverse_noise_window: ``[t_lo, t_hi]`` in VE time or null; lambda is 0 for steps that start outside it.
-        sigma_schedule: the grid: ``"karras"`` (EDM rho-grid in sigma = sqrt(t)), ``"log_t"`` (uniform in ln t) or
-            ``"ddpm"`` (the integer timesteps of ``DDPMScheduler``, laid out by ``timestep_spacing``).
-        rho: the Karras grid exponent.
-        t_min, t_max: VE-time range of the grid (default: the table's ``t_0`` and ``t_{K-1}``).
-        timestep_spacing, steps_offset: diffusers' meaning, read only for ``sigma_schedule="ddpm"``.
-        clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value: applied to yhat,
-            with DDPMScheduler's meaning.
-        variance_type: a DDPM config's variance choice. ``learned``/``learned_range`` drop the variance half of the
-            model output; the ``fixed_*`` values are accepted and replaced by ``reverse_noise``.
-        final_sigmas_type: ``"zero"`` (last step returns yhat, one call) or ``"sigma_min"`` (stop at the table's
-            ``t_0``; as in ``EulerDiscreteScheduler``, a grid that already ends there gets a one-call null step).
-        timestep_type: ``"discrete"`` (table index, interpolated in ln t) or ``"continuous"`` (``0.25 ln sigma``).
+    The config keys are those of :class:`~diffusers_ve.VEScheduler`, with the same meanings, except
+    ``solver_order`` (Heun is second order by construction). With ``final_sigmas_type="sigma_min"`` a grid that
+    already ends at the table's ``t_0`` gets a one-call null step, as in ``EulerDiscreteScheduler``.
     """
 
     order = 2
