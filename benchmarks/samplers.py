@@ -18,7 +18,7 @@ noise floor (mean ± sd over ``--floor-sets`` sets):
 The second row ("table limit") is the best any sampler can do with this model: exact draws of z(t_0) at the
 table's smallest time, denoised once by yhat(z, t_0). The last column is the wall time of
 ``scale_model_input`` + ``step`` per model call over ``EulerDiscreteScheduler``'s (median of paired rounds on a
-(4, 4, 64, 64) float32 batch, 1 thread). ``--explore`` adds grid variants and a third-order prototype.
+(4, 4, 64, 64) float32 batch, 1 thread). ``--explore`` adds grid variants.
 """
 
 from __future__ import annotations
@@ -161,51 +161,11 @@ def explore_samplers() -> List[Sampler]:
             out.append(Sampler(f"VE λ={lam:g} o2 karras ρ={rho:g}", _ve(reverse_noise=lam, rho=rho)))
         out.append(Sampler(f"VE λ={lam:g} o2 karras t_max=6400", _ve(reverse_noise=lam, t_max=6400.0)))
         out.append(Sampler(f"VE λ={lam:g} o2 log_t t_min=4e-4", _ve(reverse_noise=lam, sigma_schedule="log_t", t_min=4e-4)))
-        out.append(Sampler(f"VE λ={lam:g} 3M prototype karras", lambda c, lam=lam: VEThirdOrder.from_config(c, reverse_noise=lam)))
-        out.append(Sampler(f"VE λ={lam:g} 3M prototype log_t",
-                           lambda c, lam=lam: VEThirdOrder.from_config(c, reverse_noise=lam, sigma_schedule="log_t")))
         heun = getattr(diffusers_ve, "VEHeunScheduler", None)
         if heun is not None:
             out.append(Sampler(f"VEHeun λ={lam:g} log_t",
                                lambda c, lam=lam: heun.from_config(c, reverse_noise=lam, sigma_schedule="log_t")))
     return out
-
-
-class VEThirdOrder(diffusers_ve.VEScheduler):
-    """Prototype: VEScheduler with a DPM-Solver++(3M)-type third-order multistep step for any λ.
-
-    The drift integral of the λ-step has the kernel ``c (s/u)^c du/u`` whatever λ is, so DPM-Solver++ 3M's
-    weights carry over with ``H = c ln(t/s)`` (c = (1+λ)/2) in place of its log-SNR step; λ = 0 is DPM++ 3M.
-    The first two steps and the step to t = 0 fall back to the 2M / exact step.
-    """
-
-    def _reset(self):
-        super()._reset()
-        self._older = None
-
-    def step(self, model_output, timestep, sample, generator=None, return_dict=True, **kwargs):
-        i = self._begin_step(model_output, timestep, sample, kwargs)
-        t, s = self._t_grid[i], self._t_grid[i + 1]
-        if self._older is None or s == 0:
-            prev = self._history
-            out = super().step(model_output, timestep, sample, generator, return_dict, **kwargs)
-            self._older = prev
-            return out
-        z, yhat = self._yhat(model_output, sample, t)
-        lam = self._lambda(t)
-        a, v = process.step_coefficients(t, s, lam)
-        (t1, y1), (t2, y2) = self._history, self._older
-        h, r0, r1 = math.log(t / s), math.log(t1 / t) / math.log(t / s), math.log(t2 / t1) / math.log(t / s)
-        d10, d11 = (yhat - y1) / r0, (y1 - y2) / r1
-        d1 = d10 + r0 / (r0 + r1) * (d10 - d11)
-        d2 = (d10 - d11) / (r0 + r1)
-        hh = 0.5 * (1 + lam) * h
-        correction = (1 - (1 - a) / hh) * d1 - ((a - 1 + hh) / hh**2 - 0.5) * d2
-        noise = self._noise(z, generator, None) if v > 0 else None
-        z_s = process.linear_step(z, yhat, a, v, noise, correction)
-        self._older, self._history = self._history, (t, yhat)
-        self._step_index += 1
-        return self._output(z_s, s, yhat, sample, return_dict)
 
 
 def steps_for_budget(scheduler, budget: int) -> int:
@@ -314,7 +274,7 @@ def main(argv: Optional[list] = None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=8192, help="samples per set")
     p.add_argument("--floor-sets", type=int, default=4, help="independent true sets for the noise floor")
-    p.add_argument("--explore", action="store_true", help="add grid variants and a third-order prototype")
+    p.add_argument("--explore", action="store_true", help="add grid variants")
     p.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS), help="model-call budgets")
     p.add_argument("--out", help="also write the markdown table to this file")
     args = p.parse_args(argv)
