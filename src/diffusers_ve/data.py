@@ -135,6 +135,11 @@ class TensorFlip:
     def __init__(self, random_flip: bool = False):
         self.random_flip = random_flip
 
+    @property
+    def random(self) -> bool:
+        """Whether the transform draws random numbers (a dataset makes a generator per item only then)."""
+        return self.random_flip
+
     def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         if self.random_flip and bool(torch.rand(1, generator=generator) < 0.5):
             return x.flip(-1)
@@ -172,7 +177,9 @@ class ImageDataset(torch.utils.data.Dataset):
         return item
 
     def __getitem__(self, i):
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
+        g = None
+        if getattr(self.transform, "random", True):  # a generator per item costs as much as a small transform
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
         try:
             return self.transform(self.load(i), g)
         except (ValueError, OSError) as e:  # name the file: one bad image in 50,000 must be findable
