@@ -123,6 +123,11 @@ def test_unknown_stderr_is_reported_as_unknown():
     assert "s.e. n/a Monte-Carlo" in out.summary()
     ok = mixture_pipe()(y, num_t_samples=8, num_levels=None, seed=0)
     assert "s.e. n/a Monte-Carlo" not in ok.summary() and bool((ok.stderr > 0).all())
+    # the ODE on discrete data with one dequantisation draw is random too: unknown error, not 0
+    ode = mixture_pipe()(levels(2), method="ode", solver="fixed", num_steps=4, seed=0)
+    assert bool(torch.isnan(ode.stderr).all()) and "s.e. n/a Monte-Carlo" in ode.summary()
+    exact = mixture_pipe()(y, method="ode", solver="fixed", num_steps=4, num_levels=None, trace="exact", seed=0)
+    assert bool((exact.stderr == 0).all())
 
 
 BAD = [

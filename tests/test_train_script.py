@@ -252,6 +252,8 @@ def test_rerun_into_an_earlier_run_is_refused(tmp_path, run, capsys):
     run(tmp_path / "new", "--max_train_steps", "1", "--checkpointing_steps", "0", "--resume_from_checkpoint", "latest")
     printed = capsys.readouterr().out
     assert "no checkpoint" in printed and "starting fresh" in printed
+    with pytest.raises(ValueError, match="earlier run.*a saved pipeline"):  # `latest` with nothing to resume
+        run(tmp_path / "new", "--max_train_steps", "1", "--checkpointing_steps", "0", "--resume_from_checkpoint", "latest")
     out = tmp_path / "ve"
     run(out, "--max_train_steps", "2", "--checkpointing_steps", "2")
     for extra in ([], ["--checkpointing_steps", "0"]):

@@ -498,9 +498,11 @@ def on_main(acc, fn):
 
 def check_previous_run(args):
     """ValueError if ``--output_dir`` holds an earlier run that this one would silently overwrite."""
-    if args.resume_from_checkpoint or args.overwrite_output_dir:
+    if args.overwrite_output_dir:
         return
     steps = ckpt.list_checkpoints(args.output_dir)
+    if args.resume_from_checkpoint and (steps or args.resume_from_checkpoint != "latest"):
+        return  # resuming: from `latest` only when there is a checkpoint, else a finished run would be replaced
     found = [f"checkpoints at steps {steps}"] if steps else []
     if os.path.isfile(os.path.join(args.output_dir, "model_index.json")):
         found.append("a saved pipeline")

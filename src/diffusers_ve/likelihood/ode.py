@@ -236,7 +236,7 @@ def ode_log_likelihood(
                 **({"rtol": rtol, "atol": atol} if solver == "dopri5" else {"num_steps": num_steps}),
                 "trace": "exact" if exact else f"hutchinson (Rademacher, {p} probes)",
                 **({"num_dequant": reps} if num_levels is not None else {})}
-    return Estimate(logp.mean((1, 2)).cpu(), _stderr(logp, exact).cpu(), nfe.reshape(b, reps).sum(1), extras,
+    return Estimate(logp.mean((1, 2)).cpu(), _stderr(logp, exact and num_levels is None).cpu(), nfe.reshape(b, reps).sum(1), extras,
                     protocol)
 
 
@@ -258,11 +258,12 @@ def _starts_and_probes(y, gens, num_levels, reps: int, probes: Optional[int]):
     return yy, None if probes is None else torch.stack(vs, 1).reshape(probes, b * reps, *shape).to(dev)
 
 
-def _stderr(logp: torch.Tensor, exact: bool) -> torch.Tensor:
-    """Standard error of the (B, R, P) values' mean: over dequantisation repeats, else over probes."""
+def _stderr(logp: torch.Tensor, deterministic: bool) -> torch.Tensor:
+    """Standard error of the (B, R, P) values' mean: over dequantisation repeats, else over probes; 0 only for a
+    deterministic estimate (exact trace, continuous data), NaN (unknown) for a single random draw."""
     b, reps, p = logp.shape
     if reps > 1:
         return logp.mean(2).std(1) / math.sqrt(reps)
     if p > 1:
         return logp[:, 0].std(1) / math.sqrt(p)
-    return torch.full((b,), 0.0 if exact else math.nan, dtype=logp.dtype, device=logp.device)
+    return torch.full((b,), 0.0 if deterministic else math.nan, dtype=logp.dtype, device=logp.device)
