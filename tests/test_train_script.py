@@ -140,7 +140,9 @@ def test_pipeline_saves_loads_samples_and_pushes(tmp_path, run, script, monkeypa
     assert TimeAxis.from_config(ft).t_max > 1e7  # the zero-SNR table, not the plain linear one (t_max ~ 156)
     fp = script.ckpt.read_checkpoint_state(str(tmp_path / "ft" / "checkpoint-2"))["fingerprint"]
     assert fp["scheduler"]["rescale_betas_zero_snr"] is True and fp["scheduler"]["timestep_type"] == "continuous"
-    assert f'from_pretrained("{tmp_path / "ft"}")' in (tmp_path / "ft" / "README.md").read_text()  # the path, not "ft"
+    card = (tmp_path / "ft" / "README.md").read_text()
+    assert f'from_pretrained("{tmp_path / "ft"}")' in card  # the path, not "ft"
+    assert "base_model:" in card and "fine-tuned from" in card  # provenance of a fine-tune
 
 
 def test_loss_goes_down_on_digits(tmp_path, run):

@@ -759,7 +759,9 @@ def write_model_card(args, scheduler, s, data_name):
     from huggingface_hub import ModelCard, ModelCardData
 
     tags = ["diffusers", "unconditional-image-generation", "diffusers-ve", "variance-exploding", "ddpm"]
-    data = ModelCardData(library_name="diffusers", license="apache-2.0", tags=tags, pipeline_tag="unconditional-image-generation")
+    base = {"base_model": args.pretrained_model_name_or_path} if args.pretrained_model_name_or_path else {}
+    data = ModelCardData(library_name="diffusers", license="apache-2.0", tags=tags,
+                         pipeline_tag="unconditional-image-generation", **base)
     load_id = args.hub_repo_id or args.output_dir
     card = ModelCard.from_template(
         data, template_path=str(CARD_TEMPLATE), repo_id=args.hub_repo_id or Path(args.output_dir).name,
