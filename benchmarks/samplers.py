@@ -120,10 +120,9 @@ def samplers(explore: bool = False) -> List[Sampler]:
             out.append(Sampler(f"VEScheduler λ={lam:g} order {order}", _ve(reverse_noise=lam, solver_order=order)))
     for lam in (0.0, 1.0):  # the grid that beats DPM-Solver++ 2M Karras on this population (see the docs)
         out.append(Sampler(f"VEScheduler λ={lam:g} order 2 log_t", _ve(reverse_noise=lam, sigma_schedule="log_t")))
-    heun = getattr(diffusers_ve, "VEHeunScheduler", None)
-    if heun is not None:
-        for lam in (0.0, 1.0):
-            out.append(Sampler(f"VEHeunScheduler λ={lam:g}", lambda c, lam=lam: heun.from_config(c, reverse_noise=lam)))
+    heun = diffusers_ve.VEHeunScheduler
+    for lam in (0.0, 1.0):
+        out.append(Sampler(f"VEHeunScheduler λ={lam:g}", lambda c, lam=lam: heun.from_config(c, reverse_noise=lam)))
     out += [
         Sampler("DDIM (η=0)", lambda c: DDIMScheduler.from_config(c)),
         Sampler("EulerDiscrete", lambda c: EulerDiscreteScheduler.from_config(c)),
@@ -161,10 +160,8 @@ def explore_samplers() -> List[Sampler]:
             out.append(Sampler(f"VE λ={lam:g} o2 karras ρ={rho:g}", _ve(reverse_noise=lam, rho=rho)))
         out.append(Sampler(f"VE λ={lam:g} o2 karras t_max=6400", _ve(reverse_noise=lam, t_max=6400.0)))
         out.append(Sampler(f"VE λ={lam:g} o2 log_t t_min=4e-4", _ve(reverse_noise=lam, sigma_schedule="log_t", t_min=4e-4)))
-        heun = getattr(diffusers_ve, "VEHeunScheduler", None)
-        if heun is not None:
-            out.append(Sampler(f"VEHeun λ={lam:g} log_t",
-                               lambda c, lam=lam: heun.from_config(c, reverse_noise=lam, sigma_schedule="log_t")))
+        out.append(Sampler(f"VEHeun λ={lam:g} log_t", lambda c, lam=lam: diffusers_ve.VEHeunScheduler.from_config(
+            c, reverse_noise=lam, sigma_schedule="log_t")))
     return out
 
 

@@ -30,6 +30,7 @@ import diffusers_ve
 from diffusers_ve import checkpointing as ckpt
 from diffusers_ve import data as ve_data
 from diffusers_ve import training as T
+from diffusers_ve.pipelines.pipeline_ve_likelihood import mean_bits_per_dim
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 CARD_TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
@@ -416,9 +417,7 @@ def sample_grids(unet, scheduler, args, tag=""):
     from diffusers.utils import make_image_grid
     from PIL import Image
 
-    from diffusers_ve import VEPipeline
-
-    pipe = VEPipeline(unet=unet, scheduler=scheduler)
+    pipe = diffusers_ve.VEPipeline(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
 
     def run(lam, n):
@@ -440,19 +439,13 @@ def sample_grids(unet, scheduler, args, tag=""):
 
 
 def bits_per_dim(unet, scheduler, images, args):
-    """Held-out bits/dim (ELBO) through the likelihood pipeline: (mean, standard error, protocol) or None."""
-    try:
-        from diffusers_ve import VELikelihoodPipeline
-    except ImportError:
-        return None
-    pipe = VELikelihoodPipeline(unet=unet, scheduler=scheduler)
+    """Held-out bits/dim (ELBO) through the likelihood pipeline: (mean, standard error over images, protocol)."""
+    pipe = diffusers_ve.VELikelihoodPipeline(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(images.to(unet.device), method="elbo", num_t_samples=args.eval_num_t_samples,
                generator=torch.Generator().manual_seed(args.seed), num_levels=args.num_levels)
-    bpd = torch.as_tensor(out.bits_per_dim, dtype=torch.float64).reshape(-1)
-    se = float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")
-    protocol = getattr(out, "protocol", None)
-    return float(bpd.mean()), se, json.loads(json.dumps(protocol, default=str)) if protocol is not None else None
+    mean, _, spread = mean_bits_per_dim(out.bits_per_dim, out.stderr_bits_per_dim)
+    return mean, spread, json.loads(json.dumps(out.protocol, default=str))
 
 
 def evaluate(run, tag=""):
@@ -471,8 +464,7 @@ def evaluate(run, tag=""):
                           num_images=len(held))
             acc.log({"eval/bits_per_dim": bpd[0]}, step=run.step)
         else:
-            result["bits_per_dim_skipped"] = ("no held-out images: " + no_held_out_reason(args) if held is None
-                                              else "VELikelihoodPipeline is not available")
+            result["bits_per_dim_skipped"] = "no held-out images: " + no_held_out_reason(args)
     acc.wait_for_everyone()
     return result
 

@@ -39,7 +39,7 @@ class Denoiser(torch.nn.Module):
                 f"`prediction_type={prediction_type!r}` disagrees with the scheduler config ({ptype!r}); "
                 "fix the scheduler config instead of overriding it."
             )
-        learned = cfg.get("variance_type", None) in ("learned", "learned_range")
+        learned = cfg.get("variance_type", None) in process.LEARNED_VARIANCE
         return cls(model, process.TimeAxis.from_config(cfg), ptype, learned)
 
     def model_output(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -55,15 +55,7 @@ class Denoiser(torch.nn.Module):
         out = getattr(out, "sample", out)
         if isinstance(out, tuple):
             out = out[0]
-        c = z.shape[1]
-        if self.learned_variance:
-            out = out[:, :c]
-        if out.shape != z.shape:
-            raise ValueError(
-                f"the model returned shape {tuple(out.shape)} for input {tuple(z.shape)}; a model with learned "
-                "variance (2x channels) needs `variance_type='learned'` in the scheduler config."
-            )
-        return out
+        return process.mean_output(out, z, "learned" if self.learned_variance else None)
 
     def forward(self, z: torch.Tensor, t) -> torch.Tensor:
         """``yhat(z, t) = E[y | z(t) = z]`` in VE data space, in ``z``'s dtype (computed in at least float32)."""

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .data import IMAGE_EXTENSIONS, RESAMPLE, ImageTransform
-from .pipelines.pipeline_ve_likelihood import VELikelihoodPipeline, format_stderr
+from .pipelines.pipeline_ve_likelihood import VELikelihoodPipeline, format_stderr, mean_bits_per_dim
 
 FIELDS = ("log_likelihood", "bits_per_dim", "stderr", "stderr_bits_per_dim", "nfe")
 LEVEL_CHECK_IMAGES = 64  # images looked at for the level-count warning
@@ -252,11 +252,11 @@ def _merge(out_dir: Path, parts: Path, n: int, world: int) -> dict:
             fh.write(f"{i}," + ",".join(f"{cols[k][i]:.10g}" for k in FIELDS) + "\n")
     bpd, se = cols["bits_per_dim"], cols["stderr_bits_per_dim"]
     run = json.loads((out_dir / "run.json").read_text())
-    mc = float(np.sqrt((se**2).sum()) / n)  # NaN when any image's error is unknown: never reported as 0
+    mean, mc, spread = mean_bits_per_dim(bpd, se)
     summary = {
         "num_images": int(n),
-        "bits_per_dim": float(bpd.mean()),
-        "stderr_over_images": float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1 else None,  # None: unknown
+        "bits_per_dim": mean,
+        "stderr_over_images": spread if math.isfinite(spread) else None,  # None: unknown, never a false 0
         "stderr_monte_carlo": mc if math.isfinite(mc) else None,
         "log_likelihood_nats": float(cols["log_likelihood"].mean()),
         "model_calls_per_image": float(cols["nfe"].mean()),

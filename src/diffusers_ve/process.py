@@ -245,6 +245,23 @@ def velocity(y: torch.Tensor, eps: torch.Tensor, t: TLike) -> torch.Tensor:
     return (eps - _sqrt(t) * y) / _sqrt(1 + t)
 
 
+LEARNED_VARIANCE = ("learned", "learned_range")
+
+
+def mean_output(output: torch.Tensor, like: torch.Tensor, variance_type: Optional[str] = None) -> torch.Tensor:
+    """Model output in prediction units, shaped as ``like``: a learned-variance model's second half of its 2C
+    channels dropped; ValueError for any other shape mismatch."""
+    c = like.shape[1]
+    if variance_type in LEARNED_VARIANCE and output.shape[1] == 2 * c:
+        output = output[:, :c]
+    if output.shape != like.shape:
+        raise ValueError(
+            f"model output shape {tuple(output.shape)} does not match the sample {tuple(like.shape)} "
+            f"(variance_type={variance_type!r}: only 'learned'/'learned_range' carry 2x channels)."
+        )
+    return output
+
+
 def yhat_from_output(output: torch.Tensor, z: torch.Tensor, t: TLike, prediction_type: str) -> torch.Tensor:
     """Model output (eps / v / sample units) at VE state ``z``, time ``t`` -> denoised ``yhat`` (data space)."""
     t = _per_sample(t, z)

@@ -49,13 +49,22 @@ class VELikelihoodPipelineOutput(BaseOutput):
 
         An unknown standard error (NaN for any image, or one image for the spread) prints as ``n/a``.
         """
-        n, bpd = len(self.bits_per_dim), self.bits_per_dim.double()
-        mc = float(self.stderr_bits_per_dim.double().pow(2).sum().sqrt()) / n  # NaN stays NaN: unknown, not 0
-        spread = float(bpd.std() / math.sqrt(n)) if n > 1 else float("nan")
+        n = len(self.bits_per_dim)
+        mean, mc, spread = mean_bits_per_dim(self.bits_per_dim, self.stderr_bits_per_dim)
         proto = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.protocol.items())
-        return (f"{float(bpd.mean()):.5f} bits/dim over {n} images (s.e. {format_stderr(mc)} Monte-Carlo, "
+        return (f"{mean:.5f} bits/dim over {n} images (s.e. {format_stderr(mc)} Monte-Carlo, "
                 f"{format_stderr(spread)} over images; {float(self.nfe.double().mean()):.1f} model calls/image) "
                 f"[{proto}]")
+
+
+def mean_bits_per_dim(bits_per_dim, stderr_bits_per_dim) -> tuple:
+    """Mean bits/dim of a set of images with two standard errors: the Monte-Carlo one (from the per-image errors)
+    and the one over images (their spread). Each is NaN when unknown (an unknown per-image error, one image)."""
+    bpd = torch.as_tensor(bits_per_dim, dtype=torch.float64)
+    n = len(bpd)
+    mc = float(torch.as_tensor(stderr_bits_per_dim, dtype=torch.float64).pow(2).sum().sqrt()) / n
+    spread = float(bpd.std() / math.sqrt(n)) if n > 1 else float("nan")
+    return float(bpd.mean()), mc, spread
 
 
 def format_stderr(value: float) -> str:

@@ -237,14 +237,7 @@ class VESchedulerBase(SchedulerMixin, ConfigMixin):
     def _yhat(self, model_output: torch.Tensor, sample: torch.Tensor, t: float):
         """VP sample + model output at VE time ``t`` -> (VE ``z``, ``yhat``) in the compute dtype."""
         dtype = process.compute_dtype(sample)
-        c = sample.shape[1]
-        if model_output.shape[1] == 2 * c and self.config.variance_type in ("learned", "learned_range"):
-            model_output = model_output[:, :c]
-        if model_output.shape != sample.shape:
-            raise ValueError(
-                f"model output shape {tuple(model_output.shape)} does not match the sample {tuple(sample.shape)} "
-                f"(variance_type={self.config.variance_type!r}: only 'learned'/'learned_range' carry 2x channels)."
-            )
+        model_output = process.mean_output(model_output, sample, self.config.variance_type)
         if not bool(torch.isfinite(model_output.sum(dtype=torch.float32))):  # one reduction: NaN/inf propagate
             raise ValueError("the model output has non-finite values (NaN or inf); check the model and its dtype.")
         z = process.ve_from_vp(sample.to(dtype), t)
