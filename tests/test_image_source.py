@@ -9,7 +9,7 @@ from PIL import Image
 
 import diffusers_ve
 from diffusers_ve.data import (IMAGE_COLUMNS, ChannelMismatchError, ImageDataset, ImageSource, ImageTransform,
-                               check_sizes_message)
+                               check_sizes_message, image_splits)
 from diffusers_ve.evaluate import main, open_data
 from diffusers_ve.mixture import MixtureUNet, digits_mixture
 
@@ -98,3 +98,21 @@ def test_mixed_sizes_are_one_error_line(tmp_path, grey_model, capsys):
     # with --resolution (as training always resizes) the same folder is read
     tf = ImageTransform(8, 1, center_crop=True, resample="nearest")
     assert open_data(str(tmp_path / "mixed"), channels=1, transform=tf)[1].shape == (1, 8, 8)
+
+
+def test_training_splits_of_a_datasets_name(monkeypatch):
+    """image_splits (the training script's reader of --dataset_name): the column found as evaluate finds it, the
+    test split held out (at most max_held), or a fixed split of train when there is none."""
+    import datasets
+
+    grey = [np.full((8, 8), i, np.uint8).tolist() for i in range(20)]
+    both = datasets.DatasetDict(train=datasets.Dataset.from_dict({"pixel_values": grey}),
+                                test=datasets.Dataset.from_dict({"pixel_values": grey[:5]}))
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, **kw: both if name == "both" else
+                        datasets.DatasetDict(train=both["train"]))
+    train, held = image_splits(dataset_name="both", channels=1, max_held=3)
+    assert (len(train), len(held), train.column) == (20, 3, "pixel_values")
+    assert torch.equal(torch.as_tensor(held[2]), torch.full((8, 8), 2, dtype=torch.uint8))
+    train, held = image_splits(dataset_name="only-train", channels=1, eval_fraction=0.1, min_held=4)
+    levels = sorted(int(np.asarray(s[i]).max()) for s in (train, held) for i in range(len(s)))
+    assert (len(train), len(held)) == (16, 4) and levels == list(range(20))  # a partition of the 20 images

@@ -356,15 +356,13 @@ def test_divergence_stops_at_the_first_non_finite_step(tmp_path, run):
 
 
 def test_errors_are_printed_once_under_two_processes(tmp_path):
+    """A divergence under two processes: one `error:` line (the main process's), exit status 2, no traceback of ours
+    (torch's launcher adds its own ChildFailedError report), and nothing saved from the broken weights."""
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    launch = accelerate_launch(2)
-    res = run_group([*launch, str(SCRIPT), "--output_dir", str(tmp_path / "a"), *FAST, "--max_train_steps", "0"],
-                    240, env=env, cwd=str(ROOT))
-    lines = [line for line in res.stderr.splitlines() if "error:" in line]
-    assert res.returncode != 0 and lines == ["error: `--max_train_steps` must be >= 1; got 0."], res.stderr[-3000:]
-    assert "exitcode  : 2" in res.stderr and "ValueError" not in res.stderr  # exit 2, no traceback of ours
-    res = run_group([*launch, str(SCRIPT), "--output_dir", str(tmp_path / "b"), *FAST, *DIVERGE], 240, env=env,
-                    cwd=str(ROOT))
-    lines = [line for line in res.stderr.splitlines() if "error:" in line]
-    assert len(lines) == 1 and "training diverged at step" in lines[0], res.stderr[-3000:]
-    assert not (tmp_path / "b" / "model_index.json").exists()
+    res = run_group([*accelerate_launch(2), str(SCRIPT), "--output_dir", str(tmp_path), *FAST, *DIVERGE], 240,
+                    env=env, cwd=str(ROOT))
+    lines = [line for line in res.stderr.splitlines() if "error" in line.lower() and "training diverged" in line]
+    assert res.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: training diverged at step"), \
+        res.stderr[-3000:]
+    assert "exitcode  : 2" in res.stderr and "EveryRankError" not in res.stderr and "train_ve.py\", line" not in res.stderr
+    assert not (tmp_path / "model_index.json").exists() and _last_checkpoint_loads(tmp_path) >= 1

@@ -37,7 +37,7 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 CARD_TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
 LAMBDA_SWEEP = (0.0, 0.5, 1.0, 2.0)
 ROW_GAP = 4  # white pixels between the tiles of a sample grid (and the lambda rows of the sweep)
-LABEL_WIDTH = 40  # the lambda column left of the sweep
+LABEL_WIDTH = 44  # the lambda column left of the sweep
 MIN_HELD_OUT = 8  # a split keeps at least this many held-out images (a small folder would round to 0)
 logger = logging.getLogger("train_ve")
 # flags left at None take these defaults: the built-in digits preset, or train_unconditional's for image data
@@ -176,8 +176,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-
-
 class EveryRankError(ValueError):
     """A user error that every process raises alike (flags, data, output folder, divergence): the main process
     prints it, the others leave quietly."""
@@ -232,7 +230,10 @@ def resolve_config(argv=None) -> TrainConfig:
         if ns["model_config"] in ("small", "cifar"):
             ns["model_config"] = None  # the architecture comes from the folder
         sub, source = finetune_source(finetune)
-        ns["resolution"] = ns["resolution"] or UNet2DModel.load_config(finetune, subfolder=sub)["sample_size"]
+        try:
+            ns["resolution"] = ns["resolution"] or UNet2DModel.load_config(finetune, subfolder=sub)["sample_size"]
+        except OSError as e:  # no such folder or Hub repo, or no UNet config in it
+            raise ValueError(f"`--pretrained_model_name_or_path` {finetune!r} holds no UNet2DModel: {e}") from e
         if ns["reverse_noise"] is None:
             ns["reverse_noise"] = source.get("reverse_noise")
     if ns["reverse_noise"] is None:
@@ -550,14 +551,15 @@ def check_finite(run: Run, step_loss, norm):
     if not bad:
         return
     run.bar.close()
-    last = run.out.last_checkpoint()
-    mp = (f", or `--mixed_precision no` / `bf16` instead of {acc.mixed_precision}"
-          if acc.mixed_precision == "fp16" else "")
+    cfg, last = run.cfg, run.out.last_checkpoint()
+    clip = f"a smaller `--max_grad_norm` (now {cfg.max_grad_norm:g})" if cfg.max_grad_norm else "`--max_grad_norm`"
+    fp16 = ", or `--mixed_precision bf16` / `no` instead of fp16" if acc.mixed_precision == "fp16" else ""
+    norm = float("nan") if norm is None else float(norm)
     raise EveryRankError(
         f"training diverged at step {run.step + 1}: the loss is {step_loss.item():.4g} and the gradient norm "
-        f"{float(norm) if norm is not None else float('nan'):.4g}. Lower `--learning_rate` (now {run.cfg.learning_rate:g}) "
-        f"or clip with `--max_grad_norm`{mp}. The last good checkpoint is "
-        f"{last or 'none (no checkpoint was saved before)'}; no pipeline, model card or metrics were written.")
+        f"{norm:.4g}. Lower `--learning_rate` (now {cfg.learning_rate:g}) or clip with {clip}{fp16}. The last good "
+        f"checkpoint is {last or 'none (no checkpoint was saved before)'}; no pipeline, model card or metrics were "
+        "written.")
 
 
 def after_step(run: Run, epoch: int, step_loss):
@@ -639,14 +641,13 @@ def one_line_summary(cfg, s):
 
 
 def install_line() -> str:
-    """How a stranger installs this package: from its repository URL when the package metadata names one (it is
-    not on the package index under the name diffusers-ve)."""
-    try:
-        urls = importlib.metadata.metadata("diffusers-ve").get_all("Project-URL") or []
-    except importlib.metadata.PackageNotFoundError:
-        urls = []
-    repo = next((u.split(",", 1)[1].strip() for u in urls if u.lower().startswith(("repository", "source"))), None)
-    return f'pip install "diffusers-ve @ git+{repo}"' if repo else "pip install -e .  # in a clone of the diffusers-ve repository"
+    """How a stranger installs diffusers-ve (not on the package index under that name): from the repository URL
+    of the package metadata (``[project.urls] Repository``), else from a clone."""
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        for url in importlib.metadata.metadata("diffusers-ve").get_all("Project-URL") or []:
+            if url.lower().startswith(("repository", "source")):
+                return f'pip install "diffusers-ve @ git+{url.split(",", 1)[1].strip()}"'
+    return "pip install -e .  # in a clone of the diffusers-ve repository"
 
 
 def write_model_card(cfg, scheduler, s, data_name, hub_repo_id=None):
@@ -662,11 +663,7 @@ def write_model_card(cfg, scheduler, s, data_name, hub_repo_id=None):
         load_id=hub_repo_id or cfg.output_dir, dataset=data_name, args=dataclasses.asdict(cfg),
         scheduler=dict(scheduler.config), summary=s, lambda_sweep=LAMBDA_SWEEP, version=diffusers_ve.__version__,
         install=install_line())
-    card.save(run_file(cfg, "README.md"))
-
-
-def run_file(cfg, name):
-    return os.path.join(cfg.output_dir, name)
+    card.save(os.path.join(cfg.output_dir, "README.md"))
 
 
 # -------------------------------------------------------------------------------------- evaluation
@@ -704,7 +701,7 @@ def labelled_rows(rows, labels, gap: int = ROW_GAP):
     draw = ImageDraw.Draw(out)
     for i, (row, label) in enumerate(zip(rows, labels)):
         out.paste(row, (LABEL_WIDTH, i * (h + gap)))
-        draw.text((2, i * (h + gap) + h // 2 - 5), label, fill="black")
+        draw.multiline_text((3, i * (h + gap) + h // 2 - 11), label, fill="black")
     return out
 
 
@@ -723,10 +720,10 @@ def sample_grids(unet, scheduler, cfg, tag=""):
         return [im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST) for im in imgs]
 
     grid = tile(run(cfg.reverse_noise, cfg.eval_batch_size), math.ceil(math.sqrt(cfg.eval_batch_size)))
-    sweep = labelled_rows([tile(run(lam, 8), 8) for lam in LAMBDA_SWEEP], [f"λ={lam:g}" for lam in LAMBDA_SWEEP])
+    sweep = labelled_rows([tile(run(lam, 8), 8) for lam in LAMBDA_SWEEP], [f"lambda\n= {lam:g}" for lam in LAMBDA_SWEEP])
     names = (f"samples{tag}.png", f"samples_lambda_sweep{tag}.png")
-    grid.save(run_file(cfg, names[0]))
-    sweep.save(run_file(cfg, names[1]))
+    grid.save(os.path.join(cfg.output_dir, names[0]))
+    sweep.save(os.path.join(cfg.output_dir, names[1]))
     return names
 
 
