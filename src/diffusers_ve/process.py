@@ -489,7 +489,7 @@ def _t_tensor(t) -> torch.Tensor:
 
 
 class ModelFamily:
-    """How one family of diffusers models sits on the VE axis ``z = y + sqrt(t) eps`` (math.md, model families).
+    """How one family of diffusers models sits on the VE axis ``z = y + sqrt(t) eps`` (math.md §"Model families").
 
     A family knows three things and nothing else needs to: the time axis (``t <-> model timestep``), the
     pipeline-visible state ``x = scale(t) z`` (with ``init_noise_sigma`` and the ``scale_model_input`` factor),
@@ -613,7 +613,7 @@ class ModelFamily:
 
     # the exact reverse step in the state ----------------------------------------------------------------------
     def step_coefficients(self, t: float, s: float, reverse_noise: float) -> tuple[float, float, float]:
-        """``x_s = c_x x_t + c_y yhat + c_n noise``: :func:`step_coefficients` written in the state (b2).
+        """``x_s = c_x x_t + c_y yhat + c_n noise``: :func:`step_coefficients` written in the state (math.md §"The exact step").
 
         Stays finite at ``t = inf`` (flow, zero-terminal-SNR): ``A / scale(t) = sigma_s^(1+l) sigma_t^(-l) / noise_std(t)``.
         """
