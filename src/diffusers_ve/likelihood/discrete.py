@@ -59,13 +59,15 @@ def guess_num_levels(y: torch.Tensor, largest: int = 256) -> Optional[int]:
     return next((n for n in range(2, largest + 1) if _levels_or_none(y, n) is not None), None)
 
 
-def warn_if_few_levels(top: int, num_levels: int, where: str, stacklevel: int = 2) -> bool:
+def warn_if_few_levels(top: int, num_levels: int, where: str, stacklevel: int = 2,
+                       flag: str = "num_levels={}") -> bool:
     """Warn when the largest level ``top`` seen is far below ``num_levels - 1`` (under half of it): 17-level
-    digits read as 256 levels give 8.8 instead of about 2 bits/dim. Returns whether it warned."""
+    digits read as 256 levels give 8.8 instead of about 2 bits/dim. ``flag`` formats the advice (the CLI's
+    ``--num-levels {}``). Returns whether it warned."""
     if top >= (num_levels - 1) // 2:
         return False
     warnings.warn(f"the largest level in {where} is {top}, far below num_levels - 1 = {num_levels - 1}: if the "
-                  f"data have {top + 1} levels, pass num_levels={top + 1} (with the wrong count, bits/dim are not "
+                  f"data have {top + 1} levels, pass {flag.format(top + 1)} (with the wrong count, bits/dim are not "
                   "comparable with anything).", stacklevel=stacklevel)
     return True
 

@@ -178,7 +178,7 @@ class VELikelihoodPipeline(DiffusionPipeline):
             if num_levels is None or int(x.max()) > num_levels - 1:
                 raise ValueError(f"uint8 `images` must hold levels 0..num_levels-1 with `num_levels` set; got max "
                                  f"{int(x.max())} with num_levels={num_levels!r}.")
-            discrete.warn_if_few_levels(int(x.max()), num_levels, f"these {len(x)} images", stacklevel=4)
+            discrete.warn_if_few_levels(int(x.max()), num_levels, "these uint8 images", stacklevel=4)
             y = discrete.levels_to_model(x, num_levels)
         elif x.is_floating_point():
             y = x.to(torch.float64)
