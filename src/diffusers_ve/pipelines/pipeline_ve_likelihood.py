@@ -133,7 +133,7 @@ class VELikelihoodPipeline(DiffusionPipeline):
         if rec is not None and opts.num_levels != rec["num_levels"]:
             warnings.warn(f"num_levels={opts.num_levels} contradicts the model folder's record "
                           f"num_levels={rec['num_levels']} (likelihood_data.json): bits/dim of the wrong level "
-                          "count are not comparable with anything.", stacklevel=3)
+                          "count are not comparable with anything.", stacklevel=4)
         return opts
 
     def denoiser(self, prediction_type: Optional[str] = None) -> Denoiser:
@@ -178,7 +178,7 @@ class VELikelihoodPipeline(DiffusionPipeline):
             if num_levels is None or int(x.max()) > num_levels - 1:
                 raise ValueError(f"uint8 `images` must hold levels 0..num_levels-1 with `num_levels` set; got max "
                                  f"{int(x.max())} with num_levels={num_levels!r}.")
-            discrete.warn_if_few_levels(int(x.max()), num_levels, "these uint8 images", stacklevel=4)
+            discrete.warn_if_few_levels(int(x.max()), num_levels, "these uint8 images", stacklevel=5)
             y = discrete.levels_to_model(x, num_levels)
         elif x.is_floating_point():
             y = x.to(torch.float64)
