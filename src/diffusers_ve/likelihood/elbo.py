@@ -16,7 +16,7 @@ from scipy.special import chdtr, chdtri
 
 from .. import process
 from .common import Estimate, check_generators, chunked, dim_of, draw
-from .discrete import dequantization_offset, dequantize, discretized_log_prob
+from .discrete import dequantization_offset, dequantize, discretized_log_prob, level_log_prob
 from .options import DEQUANTIZATIONS, LikelihoodOptions  # noqa: F401  (DEQUANTIZATIONS: re-exported)
 from .prior import prior_kl
 CV_GRID = tuple([0.0] + [10.0**e for e in torch.linspace(-6, 1, 29).tolist()])  # candidate v; 0 = off
@@ -116,9 +116,10 @@ def elbo_log_likelihood(denoiser, y: torch.Tensor, generators: Sequence[torch.Ge
         options: a :class:`~diffusers_ve.likelihood.options.LikelihoodOptions`; ``fields`` override its
             fields by name. The ones used here: ``num_t_samples`` (K, model calls per image for the integral),
             ``t_min``/``t_max`` (default: :meth:`~LikelihoodOptions.t_range`, the quantisation rule for n-level
-            data), ``prior``, ``num_levels``, ``dequantization`` (``"decoder"``: discretised Gaussian at
-            ``t_min`` averaged over ``num_decoder_samples`` draws of ``z(t_min)``, whose spread enters the
-            standard error; ``"uniform"``: a fresh ``y + delta u`` per stratum), ``control_variate`` and
+            data), ``prior``, ``num_levels``, ``dequantization`` (``"decoder"``: the ``decoder`` at ``t_min``,
+            ``"levels"`` (:func:`~diffusers_ve.likelihood.discrete.level_log_prob`) or ``"bins"``
+            (:func:`~diffusers_ve.likelihood.discrete.discretized_log_prob`), averaged over
+            ``num_decoder_samples`` draws of ``z(t_min)``, whose spread enters the standard error; ``"uniform"``: a fresh ``y + delta u`` per stratum), ``control_variate`` and
             ``batch_size`` (images go in groups of ``max(1, batch_size // K)``: memory, not results).
         progress: optional ``progress(done, total)`` called after each group of images.
 
@@ -143,7 +144,7 @@ def elbo_log_likelihood(denoiser, y: torch.Tensor, generators: Sequence[torch.Ge
     parts = []
     for i in range(0, b, group):
         parts.append(_image_group(denoiser, y[i:i + group], gens[i:i + group], log_edges, k, r, prior, num_levels,
-                                  dequantization, opts.control_variate, opts.batch_size))
+                                  dequantization, opts.control_variate, opts.batch_size, opts.decoder))
         if progress is not None:
             progress(min(i + group, b), b)
     integral, kl = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -159,14 +160,15 @@ def elbo_log_likelihood(denoiser, y: torch.Tensor, generators: Sequence[torch.Ge
         terms["decoder"] = gauss - (dequantization_offset(num_levels, d) if num_levels is not None else 0.0)
     log_likelihood = -(terms["prior"] + terms["diffusion"] + terms["decoder"])
     protocol = {"num_t_samples": k, "t_sampling": "ln t uniform, stratified, radial antithetic",
-                "control_variate": opts.control_variate, **({"num_decoder_samples": r} if decoder else {})}
+                "control_variate": opts.control_variate,
+                **({"decoder": opts.decoder, "num_decoder_samples": r} if decoder else {})}
     nfe = torch.full((b,), k + r, dtype=torch.long)
     extras = {"strata": m, "terms": {n: v.cpu() for n, v in terms.items()}}
     return Estimate(log_likelihood.cpu(), var.sqrt().cpu(), nfe, extras, protocol)
 
 
 def _image_group(denoiser, y, gens, log_edges, k: int, r: int, prior, num_levels, dequantization: str,
-                 control_variate: bool, batch_size: int):
+                 control_variate: bool, batch_size: int, decoder: str = "levels"):
     """A group of images: (G, M) stratum values of the integral and of the prior KL, and (G, R) decoder terms."""
     b, shape, dev = y.shape[0], y.shape[1:], y.device
     m, hi = log_edges.numel() - 1, float(log_edges[-1].exp())
@@ -183,7 +185,8 @@ def _image_group(denoiser, y, gens, log_edges, k: int, r: int, prior, num_levels
     z = process.noisy(yr, dec.reshape(b * r, *shape), lo)
     mu = chunked(lambda zz, tt: denoiser(zz, tt).to(torch.float64), z,
                  torch.full((b * r,), lo, dtype=torch.float64, device=dev), batch_size)
-    return values, kl, discretized_log_prob(yr, mu, lo, num_levels).reshape(b, r)
+    log_prob = level_log_prob if decoder == "levels" else discretized_log_prob
+    return values, kl, log_prob(yr, mu, lo, num_levels).reshape(b, r)
 
 
 def _integral_terms(denoiser, ym, eps, jit, log_edges, k: int, batch_size: int, control_variate: bool):

@@ -15,6 +15,7 @@ from .tmin import default_t_min
 
 METHODS = ("elbo", "ode", "both")
 DEQUANTIZATIONS = ("decoder", "uniform")
+DECODERS = ("levels", "bins")  # N(yhat, t_min) normalised over the level points, or integrated over the bins
 TRACES = ("auto", "exact", "hutchinson")
 SOLVERS = ("dopri5", "fixed")
 VARIABLES = ("sigma", "log_t")  # ODE integration variable s: t = s^2 or t = e^s
@@ -35,12 +36,14 @@ class LikelihoodOptions:
     method: str = _opt("elbo", "elbo (a bound), ode (probability flow) or both")
     num_levels: Optional[int] = _opt(None, "n of n-level data (256 for 8-bit, 17 for the digits); None: continuous")
     t_min: Optional[float] = _opt(None, "lower end of the t integral (None: the rule for n-level data, "
-                                        "0.5/(n-1)^2, clamped to the table; the table's first t when continuous)")
+                                        "0.6/(n-1)^2, clamped to the table; the table's first t when continuous)")
     t_max: Optional[float] = _opt(None, "upper end T (None: the model table's last t)")
     prior: Union[str, Prior] = _opt("vp", "prior at T: vp N(0,(1+T)I), ve N(0,T I) or moment")
     prior_moments: Optional[Sequence] = _opt(None, "(mean, variance) of the data for prior='moment'", cli=False)
     dequantization: Optional[str] = _opt(None, "n-level data: decoder (ELBO default) or uniform (ODE default)")
     num_t_samples: int = _opt(64, "ELBO: model calls per image for the integral over t")
+    decoder: str = _opt("levels", "ELBO decoder for n-level data: levels (N(yhat, t_min) normalised over the level "
+                                  "points, as VDM) or bins (N(yhat, t_min) integrated over each bin)")
     num_decoder_samples: int = _opt(8, "ELBO with the decoder: z(t_min) draws (model calls) per image")
     control_variate: bool = _opt(True, "ELBO: cross-fitted control variate", cli=False)
     batch_size: int = _opt(256, "ELBO: model batch (memory only; values do not depend on it)", cli=False)
@@ -76,6 +79,7 @@ class LikelihoodOptions:
         check_num_levels(self.num_levels)
         if not isinstance(self.prior, Prior):
             _choice("prior", self.prior, PRIORS)
+        _choice("decoder", self.decoder, DECODERS)
         _choice("trace", self.trace, TRACES)
         _choice("solver", self.solver, SOLVERS)
         _choice("variable", self.variable, VARIABLES)

@@ -2,8 +2,8 @@
 
 For n levels the bin half-width in model space is ``delta = 1/(n-1)``. Below ``t ~ delta^2`` a network that
 has not learned the exact level grid pays up to ``1/(2 ln 2)`` bits/dim per unit ``ln t`` (halving
-``sqrt(t_min)`` costs up to 1 bit/dim); above it the discretised decoder ``N(yhat, t_min)`` spreads over
-neighbouring bins. The rule puts ``t_min`` at the crossover, ``t_min = c delta^2``, clamped to the model's table.
+``sqrt(t_min)`` costs up to 1 bit/dim); above it the decoder ``N(yhat, t_min)`` spreads over neighbouring
+levels. The rule puts ``t_min`` at the crossover, ``t_min = c delta^2``, clamped to the model's table.
 The move to ``process.py`` is the lead's call (it is a formula of the data's quantisation, not of the process).
 """
 
@@ -14,7 +14,7 @@ from typing import Optional
 from .discrete import half_width
 
 # c in t_min = c delta^2: measured on the 17-level digits mixture and on the trained digits networks (the guide)
-T_MIN_FACTOR = 0.5
+T_MIN_FACTOR = 0.6
 
 
 def quantisation_t_min(num_levels: int, factor: float = T_MIN_FACTOR) -> float:
