@@ -81,3 +81,19 @@ def test_options_object_and_keywords_agree():
     assert torch.equal(a.log_likelihood, b.log_likelihood) and a.protocol == b.protocol
     c = pipe(x, opts, seed=3, num_t_samples=16)  # a keyword overrides the object
     assert c.protocol["num_t_samples"] == 16
+
+
+def test_both_methods_say_what_they_bound():
+    pipe, x = mixture_pipe(), digits_levels(2)
+    out = pipe(x, method="both", num_levels=17, num_t_samples=8, solver="fixed", num_steps=2, seed=0)
+    assert out.protocol["method"] == "elbo" and out.ode.protocol["method"] == "ode"
+    assert out.protocol["dequantization"] == "decoder" and out.ode.protocol["dequantization"] == "uniform"
+    assert out.ode.protocol["t_min"] < out.protocol["t_min"]  # the rule is the ELBO decoder's; the ODE keeps t_0
+    lines = out.summary().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("ELBO: ") and lines[1].startswith("ODE: ")
+    assert "upper bound on -log2 P(x)" in lines[0] and "different model" in lines[1]
+    assert "prior" in lines[0] and "diffusion" in lines[0] and "decoder" in lines[0]
+    total = out.terms["prior"] + out.terms["diffusion"] + out.terms["decoder"]
+    assert torch.allclose(total, out.bits_per_dim, rtol=1e-12)
+    cont = pipe(x.double() / 8 - 1, num_levels=None, num_t_samples=8, seed=0)
+    assert "lower bound" not in cont.summary() and "-log2 p(y)" in cont.summary()

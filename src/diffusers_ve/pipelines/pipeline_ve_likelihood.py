@@ -275,6 +275,9 @@ class VELikelihoodPipeline(DiffusionPipeline):
                     **est.protocol, "dequantization": deq or "none", "num_levels": opts.num_levels, "dim": d,
                     "estimand": estimand(opts.method, opts.num_levels)}
         scale = d * discrete.LN2
+        if str(est.protocol.get("trace", "")).startswith("hutchinson") and est.protocol.get("num_dequant", 1) == 1:
+            # the noise the probes add to one image's number (its standard error over the probes), on average
+            protocol["probe_std_bits_per_dim"] = float(est.stderr.mean() / scale)
         terms = {k: v / scale for k, v in est.extras["terms"].items()} if "terms" in est.extras else None
         return VELikelihoodPipelineOutput(est.log_likelihood, discrete.bits_per_dim(est.log_likelihood, d),
                                           est.stderr, est.stderr / scale, est.nfe, protocol, terms)
