@@ -323,8 +323,8 @@ def _option_flags(p: argparse.ArgumentParser) -> None:
     """One flag per :class:`LikelihoodOptions` field (``--num-t-samples`` for ``num_t_samples``), same help."""
     from .likelihood import options as lo
 
-    choices = {"method": lo.METHODS, "prior": ("vp", "ve"), "dequantization": lo.DEQUANTIZATIONS, "trace": lo.TRACES,
-               "solver": lo.SOLVERS, "variable": lo.VARIABLES}
+    choices = {"method": ("elbo", "ode"), "prior": ("vp", "ve"), "dequantization": lo.DEQUANTIZATIONS,
+               "decoder": lo.DECODERS, "trace": lo.TRACES, "solver": lo.SOLVERS, "variable": lo.VARIABLES}
     for f in LikelihoodOptions().cli_fields():
         flag, kw = "--" + f.name.replace("_", "-"), dict(default=f.default, help=f.metadata["help"])
         if f.name == "num_levels":

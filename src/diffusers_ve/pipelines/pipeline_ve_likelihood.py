@@ -76,7 +76,7 @@ class VELikelihoodPipelineOutput(BaseOutput):
 def estimand(method: str, num_levels: Optional[int]) -> str:
     """What the number of ``method`` is, for n-level or continuous data (the guide's "Which number to trust")."""
     if method == "elbo":
-        return ("an upper bound on -log2 P(x) (bits) of the diffusion model with its discretised decoder"
+        return ("an upper bound on -log2 P(x) (bits) of the diffusion model with its decoder at t_min"
                 if num_levels is not None else "an upper bound on -log2 p(y) of the diffusion model (a density)")
     if num_levels is not None:
         return ("an upper bound on -log2 P(x) (bits) of a different model, the probability flow with uniform "
