@@ -14,6 +14,7 @@ result does not depend on what else is in the batch; images that finish leave th
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -119,38 +120,49 @@ def solve_fixed(f: Callable, y0: torch.Tensor, grid: Sequence[float]):
     return y, torch.full((n,), 1 + 6 * (len(grid) - 1), dtype=torch.long)
 
 
+_NO_VMAP = weakref.WeakKeyDictionary()  # denoisers whose backward has no vmap rule: use replicas at once
+
+
 def divergence(denoiser, z: torch.Tensor, t: torch.Tensor, probes: Optional[torch.Tensor] = None):
     """``yhat(z, t)`` and the divergence term ``tr grad_z yhat`` of the flow.
+
+    The vector-Jacobian products come from one batched backward pass (``is_grads_batched``) where the model's ops
+    allow it, else from one forward and one backward pass over P replicas of the batch (each replica's rows only
+    depend on themselves, as in any per-sample network): a UNet2DModel has no vmap rule for its backward, and
+    P separate backward passes cost about 50 times more on a CPU.
 
     Args:
         denoiser: ``yhat(z, t)`` in VE terms.
         z: (N, ...) VE states; t: (N,) VE times.
         probes: (P, N, ...) Hutchinson probes (``v^T (d yhat / d z) v`` per probe), or None for the exact trace
-            (d backward passes, vectorised where the model allows).
+            (the d basis vectors).
 
     Returns:
         ``(yhat, tr)``: ``yhat`` like ``z`` (in ``z``'s dtype) and ``tr`` of shape (N, P) (P = 1 when exact).
     """
+    d, n = z[0].numel(), z.shape[0]
+    if probes is None:
+        vs = torch.eye(d, dtype=z.dtype, device=z.device).reshape(d, 1, *z.shape[1:]).expand(d, *z.shape)
+    else:
+        vs = probes
+    p = vs.shape[0]
     with torch.enable_grad():
-        z = z.detach().requires_grad_(True)
-        yhat = denoiser(z, t).to(z.dtype)
-        if probes is None:
-            d = z[0].numel()
-            basis = torch.eye(d, dtype=z.dtype, device=z.device).reshape(d, 1, *z.shape[1:]).expand(d, *z.shape)
-            grads = _vjps(yhat, z, basis)
-            tr = (grads * basis).reshape(d, z.shape[0], -1).sum(-1).sum(0)[:, None]
-        else:
-            grads = _vjps(yhat, z, probes)
-            tr = (grads * probes).reshape(probes.shape[0], z.shape[0], -1).sum(-1).T
+        grads = None
+        if denoiser not in _NO_VMAP:
+            zz = z.detach().requires_grad_(True)
+            yhat = denoiser(zz, t).to(z.dtype)
+            try:
+                grads = torch.autograd.grad(yhat, zz, vs, is_grads_batched=True)[0]
+            except (RuntimeError, NotImplementedError):  # some ops have no batching rule for their backward
+                _NO_VMAP[denoiser] = True
+        if grads is None:
+            zr = z.detach().unsqueeze(0).expand(p, *z.shape).reshape(p * n, *z.shape[1:]).requires_grad_(True)
+            out = denoiser(zr, t.repeat(p)).to(z.dtype)
+            grads = torch.autograd.grad(out, zr, vs.reshape(p * n, *z.shape[1:]))[0].reshape(vs.shape)
+            yhat = out[:n]
+    tr = (grads * vs).reshape(p, n, -1).sum(-1)
+    tr = tr.sum(0)[:, None] if probes is None else tr.T
     return yhat.detach(), tr.detach()
-
-
-def _vjps(out: torch.Tensor, inp: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
-    """``v^T d out / d inp`` for a stack of ``v`` (vectorised when the model allows it)."""
-    try:
-        return torch.autograd.grad(out, inp, vs, retain_graph=True, is_grads_batched=True)[0]
-    except (RuntimeError, NotImplementedError):  # some ops have no batching rule for their backward
-        return torch.stack([torch.autograd.grad(out, inp, v, retain_graph=True)[0] for v in vs])
 
 
 @torch.no_grad()
