@@ -19,7 +19,7 @@ def test_yhat_is_the_exact_posterior_mean(ptype):
     z = MIX.sample(5, generator=torch.Generator().manual_seed(0)) + t.sqrt().reshape(-1, 1, 1, 1) * torch.randn(
         5, *MIX.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     # the model sees float32 timesteps: compare at the t they encode
-    t_seen = den.axis.t(den.axis.timestep(t).float())
+    t_seen = den.family.t(den.family.timestep(t).float())
     torch.testing.assert_close(den(z, t), MIX.yhat(z, t_seen), rtol=1e-5, atol=3e-5)  # float32 model output x sqrt(t)
 
 
@@ -27,7 +27,7 @@ def test_half_precision_input_at_large_t_stays_finite():
     """1 + t overflows float16 on a cosine table (t_max = 4e8): the VP input is formed in float32."""
     sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
     den = Denoiser.from_scheduler(MixtureUNet.from_mixture(MIX, sched.config), sched)
-    t_max = den.axis.t_max
+    t_max = den.family.t_max
     assert t_max > 1e5
     z = (torch.randn(2, *MIX.shape, generator=torch.Generator().manual_seed(0)).clamp(-3, 3) * t_max**0.5).half()
     assert torch.isfinite(z).all()  # the input itself fits float16; 1 + t does not

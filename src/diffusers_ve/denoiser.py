@@ -29,10 +29,6 @@ class Denoiser(torch.nn.Module):
         self.family = family
         self.learned_variance = learned_variance
 
-    @property
-    def axis(self) -> process.ModelFamily:
-        return self.family
-
     @classmethod
     def from_scheduler(cls, model, scheduler, prediction_type: Optional[str] = None) -> "Denoiser":
         """Build from a model and its scheduler (ours or any supported diffusers scheduler): the config gives the

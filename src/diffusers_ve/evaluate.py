@@ -15,6 +15,7 @@ on batch size or process count. The end result: ``OUT/per_image.npz`` (and ``.cs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import math
@@ -27,7 +28,10 @@ import numpy as np
 import torch
 
 from .data import RESAMPLE, ImageSource, ImageTransform, LevelImages
-from .pipelines.pipeline_ve_likelihood import VELikelihoodPipeline, format_stderr, mean_bits_per_dim
+from .likelihood.discrete import warn_if_few_levels
+from .likelihood.options import LikelihoodOptions
+from .likelihood.stats import format_stderr, mean_bits_per_dim
+from .pipelines.pipeline_ve_likelihood import VELikelihoodPipeline
 
 FIELDS = ("log_likelihood", "bits_per_dim", "stderr", "stderr_bits_per_dim", "nfe")
 LEVEL_CHECK_IMAGES = 64  # images looked at for the level-count warning
@@ -78,10 +82,7 @@ def check_levels(data, num_levels: Optional[int], n: int) -> Optional[int]:
     if not images or any(x.dtype != torch.uint8 for x in images):
         return None
     top = max(int(x.max()) for x in images)
-    if top < (num_levels - 1) // 2:
-        warnings.warn(f"the largest level in the first {len(images)} images is {top}, far below num_levels - 1 = "
-                      f"{num_levels - 1}: if the data have {top + 1} levels, pass `--num-levels {top + 1}` (with the "
-                      "wrong count, bits/dim are not comparable with anything).", stacklevel=2)
+    warn_if_few_levels(top, num_levels, f"the first {len(images)} images", stacklevel=3, flag="`--num-levels {}`")
     return top
 
 
@@ -104,8 +105,8 @@ def _save_part(parts: Path, index: Sequence[int], out) -> None:
 
 def evaluate(pipe: VELikelihoodPipeline, data, output_dir: str, batch_size: int = 16, seed: int = 0,
              limit: Optional[int] = None, accelerator=None, stop_after_blocks: Optional[int] = None,
-             **call_kwargs) -> Optional[dict]:
-    """Evaluate every image of ``data`` with ``pipe(..., **call_kwargs)``, resumably, on all processes.
+             options: Optional[LikelihoodOptions] = None, **fields) -> Optional[dict]:
+    """Evaluate every image of ``data`` with ``pipe(..., options, **fields)``, resumably, on all processes.
 
     Args:
         pipe: the likelihood pipeline (moved to the process's device here; never wrapped in DDP).
@@ -116,6 +117,8 @@ def evaluate(pipe: VELikelihoodPipeline, data, output_dir: str, batch_size: int 
         limit: evaluate only the first ``limit`` images (>= 1; None: all).
         accelerator: an ``accelerate.Accelerator`` (one is made if None).
         stop_after_blocks: stop (as if killed) after this many blocks of this process: for testing resume.
+        options, fields: the :class:`~diffusers_ve.likelihood.options.LikelihoodOptions` of every block (fields
+            by name override it; ``num_levels`` defaults to the model folder's record, as in the pipeline).
 
     Returns:
         The summary (on the main process; None elsewhere).
@@ -131,10 +134,14 @@ def evaluate(pipe: VELikelihoodPipeline, data, output_dir: str, batch_size: int 
     acc = accelerator or Accelerator()
     out_dir, parts = Path(output_dir), Path(output_dir) / "parts"
     n = len(data) if limit is None else min(limit, len(data))
-    protocol = {"seed": seed, "num_images": n, **getattr(data, "protocol", {}),
-                **{k: v for k, v in call_kwargs.items() if k != "batch_size"}}
+    opts = pipe.options(options, **fields)
+    if opts.method == "both":
+        raise ValueError("`method` must be 'elbo' or 'ode' here: run each into its own `--output-dir`.")
+    resolved = {k: v for k, v in dataclasses.asdict(opts).items() if k != "batch_size"}
+    protocol = {"seed": seed, "num_images": n, **getattr(data, "protocol", {}), **json.loads(json.dumps(
+        resolved, default=str))}
     if acc.is_main_process:
-        check_levels(data, call_kwargs.get("num_levels", 256), n)
+        check_levels(data, opts.num_levels, n)
         parts.mkdir(parents=True, exist_ok=True)
         if not (out_dir / "run.json").exists():
             (out_dir / "run.json").write_text(json.dumps(protocol, indent=1))
@@ -148,7 +155,9 @@ def evaluate(pipe: VELikelihoodPipeline, data, output_dir: str, batch_size: int 
         if stop_after_blocks is not None and k >= stop_after_blocks:
             os._exit(3)  # an abrupt stop, as a kill would leave it
         images = torch.stack([data[i] for i in block])
-        out = pipe(images, seed=seed, indices=block, **call_kwargs)
+        with warnings.catch_warnings():  # the level warning was given once, above, for the data set
+            warnings.filterwarnings("ignore", message="the largest level")
+            out = pipe(images, opts, seed=seed, indices=block)
         _save_part(parts, block, out)
         bar.set_postfix(bpd=f"{float(out.bits_per_dim.mean()):.4f}")
     acc.wait_for_everyone()
@@ -226,20 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--image-column", default=None,
       help="datasets image column (None: the first of image, img, pixel_values, images)")
     a("--output-dir", required=True, help="results, resumable parts and summary.json go here")
-    a("--method", default="elbo", choices=("elbo", "ode"), help="ELBO (a bound) or probability-flow ODE")
-    a("--num-t-samples", type=int, default=64, help="ELBO: model calls per image for the integral over t")
-    a("--num-decoder-samples", type=int, default=8, help="ELBO with the decoder: z(t_min) draws per image")
-    a("--num-levels", default="256", help="n of n-level data (256 for 8-bit, 17 for the digits), or 'none' for "
-                                          "continuous data")
-    a("--prior", default="vp", choices=("vp", "ve"), help="prior at T: N(0, (1+T) I) or N(0, T I)")
-    a("--dequantization", default=None, choices=("decoder", "uniform"),
-      help="n-level data (None: decoder for the ELBO, uniform for the ODE)")
-    a("--rtol", type=float, default=1e-4, help="ODE: relative tolerance (per image)")
-    a("--atol", type=float, default=1e-4, help="ODE: absolute tolerance (per image)")
-    a("--trace", default="auto", choices=("auto", "exact", "hutchinson"),
-      help="ODE divergence: exact up to d = 64 with auto")
-    a("--num-probes", type=int, default=4, help="ODE: Hutchinson probes per image")
-    a("--num-dequant", type=int, default=1, help="ODE: uniform dequantisation repeats per image")
+    _option_flags(p)
     a("--resolution", type=int, default=None,
       help="resize the short side to this and crop square, as the training script does (None: as stored)")
     a("--center-crop", "--center_crop", dest="center_crop", action="store_true",
@@ -255,6 +251,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _option_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`LikelihoodOptions` field (``--num-t-samples`` for ``num_t_samples``), same help."""
+    from .likelihood import options as lo
+
+    choices = {"method": ("elbo", "ode"), "prior": ("vp", "ve"), "dequantization": lo.DEQUANTIZATIONS,
+               "decoder": lo.DECODERS, "trace": lo.TRACES, "solver": lo.SOLVERS, "variable": lo.VARIABLES}
+    for f in LikelihoodOptions().cli_fields():
+        flag, kw = "--" + f.name.replace("_", "-"), dict(default=f.default, help=f.metadata["help"])
+        if f.name == "num_levels":
+            kw.update(default="auto", help=f.metadata["help"] + "; auto: the model folder's record, else 256")
+        elif f.name in ("t_min", "t_max"):
+            kw.update(type=float)
+        elif f.name in choices:
+            kw.update(choices=choices[f.name])
+        elif isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
+            kw.update(type=type(f.default))
+        p.add_argument(flag, **kw)
+
+
+def option_fields(args) -> dict:
+    """The parsed flags that are :class:`LikelihoodOptions` fields (``num_levels`` left out when ``auto``)."""
+    names = [f.name for f in LikelihoodOptions().cli_fields()]
+    return {k: getattr(args, k) for k in names if not (k == "num_levels" and args.num_levels == "auto")}
+
+
 def parse_args(argv=None):
     """Parse and check the flags; a bad value exits with status 2 and a one-line ``error: ...``."""
     p = build_parser()
@@ -266,6 +287,8 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and value < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1; got {value}.")
+    if args.num_levels == "auto":
+        return args
     try:
         args.num_levels = None if args.num_levels.lower() == "none" else int(args.num_levels)
     except ValueError:
@@ -288,13 +311,8 @@ def main(argv=None):
         data = open_data(a.data, a.split, a.image_column, channels, transform)
         if transform is not None:
             data.protocol = {"resolution": a.resolution, "center_crop": a.center_crop, "resample": a.resample}
-        kwargs = dict(method=a.method, num_levels=a.num_levels, prior=a.prior, dequantization=a.dequantization)
-        if a.method == "elbo":
-            kwargs.update(num_t_samples=a.num_t_samples, num_decoder_samples=a.num_decoder_samples)
-        else:
-            kwargs.update(rtol=a.rtol, atol=a.atol, trace=a.trace, num_probes=a.num_probes, num_dequant=a.num_dequant)
         return evaluate(pipe, data, a.output_dir, a.batch_size, a.seed, a.limit, stop_after_blocks=a.stop_after_blocks,
-                        **kwargs)
+                        **option_fields(a))
     except (ValueError, OSError) as err:  # OSError: a missing or unreadable model, data or output folder
         fail(str(err))
 

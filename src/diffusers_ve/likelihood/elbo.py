@@ -9,17 +9,16 @@ decoder ``ln P(x | z(t_min))`` (n-level data; then the Gaussian term is not adde
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from scipy.special import chdtr, chdtri
 
 from .. import process
-from .common import Estimate, check_generators, check_positive_int, check_t_range, chunked, dim_of, draw
-from .discrete import dequantization_offset, dequantize, discretized_log_prob
-from .prior import Prior, make_prior, prior_kl
-
-DEQUANTIZATIONS = ("decoder", "uniform")
+from .common import Estimate, check_generators, chunked, dim_of, draw
+from .discrete import dequantization_offset, dequantize, discretized_log_prob, level_log_prob
+from .options import DEQUANTIZATIONS, LikelihoodOptions  # noqa: F401  (DEQUANTIZATIONS: re-exported)
+from .prior import prior_kl
 CV_GRID = tuple([0.0] + [10.0**e for e in torch.linspace(-6, 1, 29).tolist()])  # candidate v; 0 = off
 
 
@@ -101,20 +100,8 @@ def cross_fitted_control(base: torch.Tensor, control: torch.Tensor, expected: to
 
 
 @torch.no_grad()
-def elbo_log_likelihood(
-    denoiser,
-    y: torch.Tensor,
-    generators: Sequence[torch.Generator],
-    num_t_samples: int = 64,
-    t_min: Optional[float] = None,
-    t_max: Optional[float] = None,
-    prior: Prior | str = "vp",
-    num_levels: Optional[int] = None,
-    dequantization: str = "decoder",
-    control_variate: bool = True,
-    batch_size: int = 256,
-    num_decoder_samples: int = 8,
-) -> Estimate:
+def elbo_log_likelihood(denoiser, y: torch.Tensor, generators: Sequence[torch.Generator],
+                        options: Optional[LikelihoodOptions] = None, progress=None, **fields) -> Estimate:
     """Unbiased Monte-Carlo ELBO per image: ``ln t`` uniform and stratified, antithetic pairs, control variate.
 
     ``M = ceil(K/2)`` strata of ``[ln t_min, ln T]``, one jittered ``ln t`` each, evaluated at ``eps`` and at its
@@ -126,58 +113,63 @@ def elbo_log_likelihood(
         y: (B, C, H, W) images in VE data space (= model space, e.g. [-1, 1]).
         generators: one generator per image (CPU or CUDA; each draws on its own device); all of image i's
             noise comes from ``generators[i]``.
-        num_t_samples: K, model calls per image for the integral.
-        t_min, t_max: integration range (VE variance); defaults: the model table's ends.
-        prior: a :class:`Prior` or ``"vp"`` / ``"ve"``.
-        num_levels: n for n-level data on the grid ``2x/(n-1) - 1``; None for continuous data.
-        dequantization: for n-level data, ``"decoder"`` (discretised Gaussian at ``t_min``, averaged over
-            ``num_decoder_samples`` draws of ``z(t_min)``) or ``"uniform"`` (a fresh ``y + delta u`` per stratum).
-        control_variate: use the cross-fitted control variate (:func:`cross_fitted_control`).
-        batch_size: model batch; images are processed in groups of ``max(1, batch_size // K)``, so memory
-            scales with it (results do not depend on it).
-        num_decoder_samples: R, decoder draws (model calls) per image with ``dequantization="decoder"``. At 8
-            bits the decoder term is the largest noise source, so it is averaged and its variance enters the
-            standard error; R = 1 leaves that variance unknown (NaN standard error).
+        options: a :class:`~diffusers_ve.likelihood.options.LikelihoodOptions`; ``fields`` override its
+            fields by name. The ones used here: ``num_t_samples`` (K, model calls per image for the integral),
+            ``t_min``/``t_max`` (default: :meth:`~LikelihoodOptions.t_range`, the quantisation rule for n-level
+            data), ``prior``, ``num_levels``, ``dequantization`` (``"decoder"``: the ``decoder`` at ``t_min``,
+            ``"levels"`` (:func:`~diffusers_ve.likelihood.discrete.level_log_prob`) or ``"bins"``
+            (:func:`~diffusers_ve.likelihood.discrete.discretized_log_prob`), averaged over
+            ``num_decoder_samples`` draws of ``z(t_min)``, whose spread enters the standard error; ``"uniform"``: a fresh ``y + delta u`` per stratum), ``control_variate`` and
+            ``batch_size`` (images go in groups of ``max(1, batch_size // K)``: memory, not results).
+        progress: optional ``progress(done, total)`` called after each group of images.
 
     Returns:
-        :class:`Estimate`: nats per image, its standard error (:func:`stratified_stderr` of the integral, plus
-        the spread of the decoder draws over R), model calls (K, + R with the decoder) and the protocol.
+        :class:`Estimate`: nats per image, its standard error, model calls (K, + R with the decoder), the
+        protocol and ``extras["terms"]``: the per-image ``prior``, ``diffusion`` and ``decoder`` terms in nats,
+        as losses (``-log_likelihood`` is their sum).
     """
-    k = check_positive_int(num_t_samples, "num_t_samples")
-    if dequantization not in DEQUANTIZATIONS:
-        raise ValueError(f"`dequantization` must be one of {DEQUANTIZATIONS}; got {dequantization!r}.")
-    lo, hi = check_t_range(denoiser.axis, t_min, t_max)
+    opts = LikelihoodOptions.build(options, **fields)
+    k, num_levels = opts.num_t_samples, opts.num_levels
+    dequantization = opts.dequantization_for("elbo") or "decoder"
+    lo, hi = opts.t_range(denoiser.family)
     gens = check_generators(generators, y.shape[0])
-    size = check_positive_int(batch_size, "batch_size")
-    prior = make_prior(prior, hi) if isinstance(prior, str) else prior
+    prior = opts.make_prior(hi)
     b, d = y.shape[0], dim_of(y)
     y = y.to(torch.float64)
     decoder = num_levels is not None and dequantization == "decoder"
-    r = check_positive_int(num_decoder_samples, "num_decoder_samples") if decoder else 0
+    r = opts.num_decoder_samples if decoder else 0
     m = (k + 1) // 2
     log_edges = torch.linspace(math.log(lo), math.log(hi), m + 1, dtype=torch.float64, device=y.device)
-    group = max(1, size // k)  # images per pass: at most max(batch_size, K) rows of d values live at once
-    parts = [_image_group(denoiser, y[i:i + group], gens[i:i + group], log_edges, k, r, prior, num_levels,
-                          dequantization, control_variate, size) for i in range(0, b, group)]
-    values = torch.cat([p[0] for p in parts])
-    log_likelihood, var = values.mean(1), stratified_stderr(values) ** 2
+    group = max(1, opts.batch_size // k)  # images per pass: at most max(batch_size, K) rows of d values live at once
+    parts = []
+    for i in range(0, b, group):
+        parts.append(_image_group(denoiser, y[i:i + group], gens[i:i + group], log_edges, k, r, prior, num_levels,
+                                  dequantization, opts.control_variate, opts.batch_size, opts.decoder))
+        if progress is not None:
+            progress(min(i + group, b), b)
+    integral, kl = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    values = integral - kl
+    var = stratified_stderr(values) ** 2
+    terms = {"prior": kl.mean(1), "diffusion": -integral.mean(1)}
     if decoder:  # the decoder replaces the Gaussian t_min term; its draws are independent of the integral's
-        dec = torch.cat([p[1] for p in parts])
-        log_likelihood = log_likelihood + dec.mean(1)
+        dec = torch.cat([p[2] for p in parts])
+        terms["decoder"] = -dec.mean(1)
         var = var + (dec.var(1) / r if r > 1 else torch.full_like(var, math.nan))
     else:
-        log_likelihood = log_likelihood - 0.5 * d * math.log(2 * math.pi * math.e * lo)
-        if num_levels is not None:
-            log_likelihood = log_likelihood + dequantization_offset(num_levels, d)
+        gauss = torch.full_like(var, 0.5 * d * math.log(2 * math.pi * math.e * lo))
+        terms["decoder"] = gauss - (dequantization_offset(num_levels, d) if num_levels is not None else 0.0)
+    log_likelihood = -(terms["prior"] + terms["diffusion"] + terms["decoder"])
     protocol = {"num_t_samples": k, "t_sampling": "ln t uniform, stratified, radial antithetic",
-                "control_variate": control_variate, **({"num_decoder_samples": r} if decoder else {})}
+                "control_variate": opts.control_variate,
+                **({"decoder": opts.decoder, "num_decoder_samples": r} if decoder else {})}
     nfe = torch.full((b,), k + r, dtype=torch.long)
-    return Estimate(log_likelihood.cpu(), var.sqrt().cpu(), nfe, {"strata": m}, protocol)
+    extras = {"strata": m, "terms": {n: v.cpu() for n, v in terms.items()}}
+    return Estimate(log_likelihood.cpu(), var.sqrt().cpu(), nfe, extras, protocol)
 
 
 def _image_group(denoiser, y, gens, log_edges, k: int, r: int, prior, num_levels, dequantization: str,
-                 control_variate: bool, batch_size: int):
-    """A group of images: (G, M) stratum values of the integral minus the prior KL, and (G, R) decoder terms."""
+                 control_variate: bool, batch_size: int, decoder: str = "levels"):
+    """A group of images: (G, M) stratum values of the integral and of the prior KL, and (G, R) decoder terms."""
     b, shape, dev = y.shape[0], y.shape[1:], y.device
     m, hi = log_edges.numel() - 1, float(log_edges[-1].exp())
     uniform = num_levels is not None and dequantization == "uniform"
@@ -185,15 +177,16 @@ def _image_group(denoiser, y, gens, log_edges, k: int, r: int, prior, num_levels
     jit, eps, deq, dec = (_stack(draws, i, dev) for i in range(4))
     ym = dequantize(y[:, None], num_levels, deq) if uniform else y[:, None].expand(b, m, *shape)
     values = _integral_terms(denoiser, ym, eps, jit, log_edges, k, batch_size, control_variate)
-    values = values - prior_kl(ym.reshape(b * m, *shape), hi, prior).reshape(b, m)
+    kl = prior_kl(ym.reshape(b * m, *shape), hi, prior).reshape(b, m)
     if not r:
-        return values, None
+        return values, kl, None
     lo = float(log_edges[0].exp())
     yr = y[:, None].expand(b, r, *shape).reshape(b * r, *shape)
     z = process.noisy(yr, dec.reshape(b * r, *shape), lo)
     mu = chunked(lambda zz, tt: denoiser(zz, tt).to(torch.float64), z,
                  torch.full((b * r,), lo, dtype=torch.float64, device=dev), batch_size)
-    return values, discretized_log_prob(yr, mu, lo, num_levels).reshape(b, r)
+    log_prob = level_log_prob if decoder == "levels" else discretized_log_prob
+    return values, kl, log_prob(yr, mu, lo, num_levels).reshape(b, r)
 
 
 def _integral_terms(denoiser, ym, eps, jit, log_edges, k: int, batch_size: int, control_variate: bool):

@@ -14,18 +14,16 @@ result does not depend on what else is in the batch; images that finish leave th
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from .. import process
-from .common import Estimate, check_generators, check_positive_int, check_t_range, dim_of, draw
+from .common import Estimate, check_generators, dim_of, draw
 from .discrete import dequantization_offset, dequantize
-from .prior import Prior, make_prior, prior_log_prob
-
-TRACES = ("auto", "exact", "hutchinson")
-SOLVERS = ("dopri5", "fixed")
-VARIABLES = ("sigma", "log_t")  # integration variable s: t = s^2 or t = e^s
+from .options import SOLVERS, TRACES, VARIABLES, LikelihoodOptions  # noqa: F401  (re-exported)
+from .prior import prior_log_prob
 EXACT_TRACE_MAX_DIM = 64  # "auto" takes the exact divergence up to this many dimensions
 
 # Dormand-Prince 5(4): nodes, stages, 5th-order weights (= last stage, FSAL) and the error weights b5 - b4
@@ -69,7 +67,7 @@ def _initial_step(f, u, y, k1, norm, rtol, atol, span):
 
 
 def solve_dopri5(f: Callable, y0: torch.Tensor, u0: float, u1: float, rtol: float, atol: float, split: int,
-                 max_steps: int = 10_000):
+                 max_steps: int = 10_000, progress: Optional[Callable] = None):
     """Adaptive Dormand-Prince 5(4) for a batch of independent ODEs, each with its own step size.
 
     Args:
@@ -78,6 +76,7 @@ def solve_dopri5(f: Callable, y0: torch.Tensor, u0: float, u1: float, rtol: floa
         y0: (N, D) initial states; u0 < u1: integration range shared by all rows.
         rtol, atol: tolerances; the error norm is the larger of the RMS over columns ``[:split]`` and
             ``[split:]`` (the state and the log-density parts, as torchdiffeq's mixed norm).
+        progress: optional ``progress(done, 1.0)``: the share of ``[u0, u1]`` the slowest row has covered.
 
     Returns:
         ``(y1, nfe)``: (N, D) states at ``u1`` and (N,) int64 evaluations per row.
@@ -105,6 +104,8 @@ def solve_dopri5(f: Callable, y0: torch.Tensor, u0: float, u1: float, rtol: floa
         y[acc], k1[acc] = y_new[ok], k_new[ok]
         u[acc] = torch.where(hi[ok] >= u1 - u[acc], torch.full_like(hi[ok], u1), u[acc] + hi[ok])
         active[acc] = u[acc] < u1
+        if progress is not None:
+            progress(float((u.min() - u0) / (u1 - u0)), 1.0)
     return y, nfe
 
 
@@ -119,57 +120,54 @@ def solve_fixed(f: Callable, y0: torch.Tensor, grid: Sequence[float]):
     return y, torch.full((n,), 1 + 6 * (len(grid) - 1), dtype=torch.long)
 
 
+_NO_VMAP = weakref.WeakKeyDictionary()  # denoisers whose backward has no vmap rule: use replicas at once
+
+
 def divergence(denoiser, z: torch.Tensor, t: torch.Tensor, probes: Optional[torch.Tensor] = None):
     """``yhat(z, t)`` and the divergence term ``tr grad_z yhat`` of the flow.
+
+    The vector-Jacobian products come from one batched backward pass (``is_grads_batched``) where the model's ops
+    allow it, else from one forward and one backward pass over P replicas of the batch (each replica's rows only
+    depend on themselves, as in any per-sample network): a UNet2DModel has no vmap rule for its backward, and
+    P separate backward passes cost about 50 times more on a CPU.
 
     Args:
         denoiser: ``yhat(z, t)`` in VE terms.
         z: (N, ...) VE states; t: (N,) VE times.
         probes: (P, N, ...) Hutchinson probes (``v^T (d yhat / d z) v`` per probe), or None for the exact trace
-            (d backward passes, vectorised where the model allows).
+            (the d basis vectors).
 
     Returns:
         ``(yhat, tr)``: ``yhat`` like ``z`` (in ``z``'s dtype) and ``tr`` of shape (N, P) (P = 1 when exact).
     """
+    d, n = z[0].numel(), z.shape[0]
+    if probes is None:
+        vs = torch.eye(d, dtype=z.dtype, device=z.device).reshape(d, 1, *z.shape[1:]).expand(d, *z.shape)
+    else:
+        vs = probes
+    p = vs.shape[0]
     with torch.enable_grad():
-        z = z.detach().requires_grad_(True)
-        yhat = denoiser(z, t).to(z.dtype)
-        if probes is None:
-            d = z[0].numel()
-            basis = torch.eye(d, dtype=z.dtype, device=z.device).reshape(d, 1, *z.shape[1:]).expand(d, *z.shape)
-            grads = _vjps(yhat, z, basis)
-            tr = (grads * basis).reshape(d, z.shape[0], -1).sum(-1).sum(0)[:, None]
-        else:
-            grads = _vjps(yhat, z, probes)
-            tr = (grads * probes).reshape(probes.shape[0], z.shape[0], -1).sum(-1).T
+        grads = None
+        if denoiser not in _NO_VMAP:
+            zz = z.detach().requires_grad_(True)
+            yhat = denoiser(zz, t).to(z.dtype)
+            try:
+                grads = torch.autograd.grad(yhat, zz, vs, is_grads_batched=True)[0]
+            except (RuntimeError, NotImplementedError):  # some ops have no batching rule for their backward
+                _NO_VMAP[denoiser] = True
+        if grads is None:
+            zr = z.detach().unsqueeze(0).expand(p, *z.shape).reshape(p * n, *z.shape[1:]).requires_grad_(True)
+            out = denoiser(zr, t.repeat(p)).to(z.dtype)
+            grads = torch.autograd.grad(out, zr, vs.reshape(p * n, *z.shape[1:]))[0].reshape(vs.shape)
+            yhat = out[:n]
+    tr = (grads * vs).reshape(p, n, -1).sum(-1)
+    tr = tr.sum(0)[:, None] if probes is None else tr.T
     return yhat.detach(), tr.detach()
 
 
-def _vjps(out: torch.Tensor, inp: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
-    """``v^T d out / d inp`` for a stack of ``v`` (vectorised when the model allows it)."""
-    try:
-        return torch.autograd.grad(out, inp, vs, retain_graph=True, is_grads_batched=True)[0]
-    except (RuntimeError, NotImplementedError):  # some ops have no batching rule for their backward
-        return torch.stack([torch.autograd.grad(out, inp, v, retain_graph=True)[0] for v in vs])
-
-
-def ode_log_likelihood(
-    denoiser,
-    y: torch.Tensor,
-    generators: Sequence[torch.Generator],
-    t_min: Optional[float] = None,
-    t_max: Optional[float] = None,
-    prior: Prior | str = "vp",
-    rtol: float = 1e-4,
-    atol: float = 1e-4,
-    solver: str = "dopri5",
-    num_steps: int = 16,
-    trace: str = "auto",
-    num_probes: int = 4,
-    num_levels: Optional[int] = None,
-    num_dequant: int = 1,
-    variable: str = "sigma",
-) -> Estimate:
+@torch.no_grad()
+def ode_log_likelihood(denoiser, y: torch.Tensor, generators: Sequence[torch.Generator],
+                       options: Optional[LikelihoodOptions] = None, progress=None, **fields) -> Estimate:
     """``ln p(y)`` of the probability-flow ODE model, per image.
 
     Args:
@@ -177,37 +175,31 @@ def ode_log_likelihood(
         y: (B, C, H, W) images in VE data space (= model space).
         generators: one generator per image (probes and dequantisation noise of image i; CPU or CUDA, each
             draws on its own device).
-        t_min, t_max: integration range (VE variance); defaults: the model table's ends.
-        prior: a :class:`Prior` or ``"vp"`` / ``"ve"``; ``ln p_prior(z(T))`` closes the integral.
-        rtol, atol: tolerances of the adaptive solver (per image).
-        solver: ``"dopri5"`` (adaptive) or ``"fixed"`` (``num_steps`` equal steps in ``ln t``, 6 calls each).
-        trace: ``"exact"`` (d backward passes per call), ``"hutchinson"`` (Rademacher probes, fixed along the
-            path) or ``"auto"`` (exact up to 64 dimensions).
-        num_probes: Hutchinson probes per image; the spread over probes gives the standard error.
-        num_levels: n for n-level data: uniform dequantisation ``y + delta u``, ``+ d ln(2 delta)``.
-        num_dequant: dequantisation repeats per image (each its own ODE solve).
-        variable: integration variable, ``"sigma"`` (``t = s^2``: solutions are nearly linear at both ends) or
-            ``"log_t"``.
+        options: a :class:`~diffusers_ve.likelihood.options.LikelihoodOptions`; ``fields`` override its
+            fields by name. The ones used here: ``t_min``/``t_max`` (default: the table's ends), ``prior``
+            (``ln p_prior(z(T))`` closes the integral), ``rtol``/``atol`` (per image), ``solver``
+            (``"dopri5"`` adaptive, or ``"fixed"``: ``num_steps`` equal steps in ``ln t``, 6 calls each),
+            ``variable`` (``"sigma"``: ``t = s^2``, or ``"log_t"``), ``trace`` (``"exact"``: d backward passes
+            per call; ``"hutchinson"``: ``num_probes`` Rademacher probes fixed along the path, their spread is
+            the standard error; ``"auto"``: exact up to 64 dimensions), ``num_levels`` (uniform dequantisation
+            ``y + delta u`` and ``+ d ln(2 delta)``) and ``num_dequant`` (repeats per image, each its own solve).
+        progress: optional ``progress(done, total)`` with the share of the integration range that the
+            slowest image has covered (``total = 1``) and called after every solver step.
 
     Returns:
         :class:`Estimate` (nats; ``extras["latent"]`` holds ``z(T)``, ``extras["delta_logp"]`` the integral;
         ``protocol`` the solver, variable, tolerances or steps, trace and dequantisation repeats).
     """
-    if trace not in TRACES:
-        raise ValueError(f"`trace` must be one of {TRACES}; got {trace!r}.")
-    if variable not in VARIABLES:
-        raise ValueError(f"`variable` must be one of {VARIABLES}; got {variable!r}.")
-    if solver not in SOLVERS:
-        raise ValueError(f"`solver` must be one of {SOLVERS}; got {solver!r}.")
-    if not (float(rtol) > 0 and float(atol) > 0):
-        raise ValueError(f"`rtol` and `atol` must be > 0; got {rtol!r}, {atol!r}.")
-    lo, hi = check_t_range(denoiser.axis, t_min, t_max)
+    opts = LikelihoodOptions.build(options, **fields)
+    num_levels, trace, variable, solver = opts.num_levels, opts.trace, opts.variable, opts.solver
+    rtol, atol, num_steps = opts.rtol, opts.atol, opts.num_steps
+    lo, hi = opts.t_range(denoiser.family, "ode")
     gens = check_generators(generators, y.shape[0])
-    reps = check_positive_int(num_dequant, "num_dequant") if num_levels is not None else 1
-    prior = make_prior(prior, hi) if isinstance(prior, str) else prior
+    reps = opts.num_dequant if num_levels is not None else 1
+    prior = opts.make_prior(hi)
     b, d, shape, dev = y.shape[0], dim_of(y), y.shape[1:], y.device
     exact = trace == "exact" or (trace == "auto" and d <= EXACT_TRACE_MAX_DIM)
-    p = 1 if exact else check_positive_int(num_probes, "num_probes")
+    p = 1 if exact else opts.num_probes
 
     yy, v_all = _starts_and_probes(y, gens, num_levels, reps, None if exact else p)
     # s is the integration variable: t = s^2 (dt/ds = 2s) or t = e^s (dt/ds = t)
@@ -223,10 +215,10 @@ def ode_log_likelihood(
 
     y0 = torch.cat([yy.reshape(b * reps, d), torch.zeros(b * reps, p, dtype=torch.float64, device=dev)], 1)
     if solver == "dopri5":
-        y1, nfe = solve_dopri5(f, y0, to_s(lo), to_s(hi), float(rtol), float(atol), d)
+        y1, nfe = solve_dopri5(f, y0, to_s(lo), to_s(hi), float(rtol), float(atol), d, progress=progress)
     else:
-        steps = check_positive_int(num_steps, "num_steps")  # equal steps in ln t, whatever the variable
-        y1, nfe = solve_fixed(f, y0, [to_s(t) for t in reversed(process.log_t_grid(lo, hi, steps + 1))])
+        # equal steps in ln t, whatever the variable
+        y1, nfe = solve_fixed(f, y0, [to_s(t) for t in reversed(process.log_t_grid(lo, hi, num_steps + 1))])
     latent, delta = y1[:, :d].reshape(b, reps, *shape), y1[:, d:].reshape(b, reps, p)
     logp = prior_log_prob(latent.reshape(b * reps, *shape), prior).reshape(b, reps, 1) + delta
     if num_levels is not None:

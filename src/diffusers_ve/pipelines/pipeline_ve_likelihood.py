@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
@@ -16,10 +17,12 @@ from .. import process
 from ..denoiser import Denoiser
 from ..likelihood import common, discrete, ode
 from ..likelihood.elbo import elbo_integrand, elbo_log_likelihood
+from ..likelihood.options import METHODS, LikelihoodOptions  # noqa: F401  (METHODS: re-exported)
 from ..likelihood.plot import line_plot
-from ..likelihood.prior import make_prior
+from ..likelihood.record import load_data_record, save_data_record
+from ..likelihood.stats import format_stderr, mean_bits_per_dim  # noqa: F401  (re-exported until callers move)
 
-METHODS = ("elbo", "ode")
+DEFAULT_NUM_LEVELS = 256  # a folder without a data record: 8-bit images
 
 
 @dataclass
@@ -28,13 +31,18 @@ class VELikelihoodPipelineOutput(BaseOutput):
 
     Args:
         log_likelihood: (B,) nats per image: ``ln P(x)`` of the discrete data when ``num_levels`` was used,
-            else ``ln p(y)`` of the continuous model-space tensor.
+            else ``ln p(y)`` of the continuous model-space tensor (for the ELBO: its lower bound).
         bits_per_dim: (B,) ``-log_likelihood / (d ln 2)``.
         stderr: (B,) Monte-Carlo standard error of ``log_likelihood`` (nats; 0 where deterministic, NaN where
             the draws cannot estimate it: fewer than 3 ELBO samples, one Hutchinson probe, one decoder draw).
+            With Hutchinson probes it is the per-image noise the probes add.
         stderr_bits_per_dim: (B,) the same in bits/dim.
         nfe: (B,) model calls per image.
-        protocol: method, t range, prior, samples or tolerances, trace, dequantisation, levels, dimension.
+        protocol: method, t range, prior, samples or tolerances, trace, dequantisation, levels, dimension, and
+            ``estimand``: what the number bounds or estimates.
+        terms: ELBO only: per-image ``prior``, ``diffusion`` and ``decoder`` terms in bits/dim (as VDM reports
+            them); they add up to ``bits_per_dim``.
+        ode: with ``method="both"``: the ODE's output (this one holds the ELBO's).
     """
 
     log_likelihood: torch.Tensor
@@ -43,33 +51,37 @@ class VELikelihoodPipelineOutput(BaseOutput):
     stderr_bits_per_dim: torch.Tensor
     nfe: torch.Tensor
     protocol: dict
+    terms: Optional[dict] = None
+    ode: Optional["VELikelihoodPipelineOutput"] = None
 
     def summary(self) -> str:
-        """One line: mean bits/dim, its standard errors (Monte-Carlo; over images) and the protocol.
+        """Mean bits/dim, its standard errors (Monte-Carlo; over images), what it bounds, and the protocol;
+        one line per method (two with ``method="both"``).
 
         An unknown standard error (NaN for any image, or one image for the spread) prints as ``n/a``.
         """
         n = len(self.bits_per_dim)
         mean, mc, spread = mean_bits_per_dim(self.bits_per_dim, self.stderr_bits_per_dim)
-        proto = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.protocol.items())
-        return (f"{mean:.5f} bits/dim over {n} images (s.e. {format_stderr(mc)} Monte-Carlo, "
-                f"{format_stderr(spread)} over images; {float(self.nfe.double().mean()):.1f} model calls/image) "
+        proto = {k: v for k, v in self.protocol.items() if k != "estimand"}
+        proto = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in proto.items())
+        terms = "" if not self.terms else " = " + " + ".join(
+            f"{k} {float(v.mean()):.4f}" for k, v in self.terms.items())
+        line = (f"{self.protocol.get('method', '?').upper()}: {mean:.5f} bits/dim over {n} images{terms} "
+                f"(s.e. {format_stderr(mc)} Monte-Carlo, {format_stderr(spread)} over images; "
+                f"{float(self.nfe.double().mean()):.1f} model calls/image): {self.protocol.get('estimand', '')} "
                 f"[{proto}]")
+        return line if self.ode is None else line + "\n" + self.ode.summary()
 
 
-def mean_bits_per_dim(bits_per_dim, stderr_bits_per_dim) -> tuple:
-    """Mean bits/dim of a set of images with two standard errors: the Monte-Carlo one (from the per-image errors)
-    and the one over images (their spread). Each is NaN when unknown (an unknown per-image error, one image)."""
-    bpd = torch.as_tensor(bits_per_dim, dtype=torch.float64)
-    n = len(bpd)
-    mc = float(torch.as_tensor(stderr_bits_per_dim, dtype=torch.float64).pow(2).sum().sqrt()) / n
-    spread = float(bpd.std() / math.sqrt(n)) if n > 1 else float("nan")
-    return float(bpd.mean()), mc, spread
-
-
-def format_stderr(value: float) -> str:
-    """A standard error with 5 decimals, or ``n/a`` when it is unknown (NaN): never a false 0."""
-    return f"{value:.5f}" if math.isfinite(value) else "n/a"
+def estimand(method: str, num_levels: Optional[int]) -> str:
+    """What the number of ``method`` is, for n-level or continuous data (the guide's "Which number to trust")."""
+    if method == "elbo":
+        return ("an upper bound on -log2 P(x) (bits) of the diffusion model with its decoder at t_min"
+                if num_levels is not None else "an upper bound on -log2 p(y) of the diffusion model (a density)")
+    if num_levels is not None:
+        return ("an upper bound on -log2 P(x) (bits) of a different model, the probability flow with uniform "
+                "dequantisation (in expectation over the dequantisation draw)")
+    return "-log2 p(y) of the probability-flow model (a density; exact up to the solver's error)"
 
 
 class VELikelihoodPipeline(DiffusionPipeline):
@@ -88,6 +100,41 @@ class VELikelihoodPipeline(DiffusionPipeline):
     def __init__(self, unet, scheduler):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+        self.data_record = None  # what the folder says about the data (likelihood.record); set by from_pretrained
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``from_pretrained``, plus the folder's data record (``likelihood_data.json``): a call without
+        ``num_levels`` then uses the recorded one."""
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe.data_record = _find_data_record(pretrained_model_name_or_path, kwargs)
+        return pipe
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' ``save_pretrained``, plus the data record when the pipeline has one."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self.data_record is not None:
+            save_data_record(save_directory, self.data_record["num_levels"], self.data_record.get("data"))
+
+    def default_num_levels(self) -> Optional[int]:
+        """The recorded ``num_levels`` of the folder this pipeline was loaded from, else 256 (8-bit images)."""
+        return DEFAULT_NUM_LEVELS if self.data_record is None else self.data_record["num_levels"]
+
+    def options(self, options: Optional[LikelihoodOptions] = None, **fields) -> LikelihoodOptions:
+        """The options of a call: ``options`` (or the defaults) with ``fields`` replaced; without either naming
+        ``num_levels``, the folder's recorded one (else 256). Warns when a given ``num_levels`` contradicts the
+        record."""
+        if options is not None and not isinstance(options, LikelihoodOptions):
+            raise TypeError(f"`options` must be a LikelihoodOptions (pass `method=` by name); got {options!r}.")
+        if options is None and "num_levels" not in fields:
+            fields["num_levels"] = self.default_num_levels()
+        opts = LikelihoodOptions.build(options, **fields)
+        rec = self.data_record
+        if rec is not None and opts.num_levels != rec["num_levels"]:
+            warnings.warn(f"num_levels={opts.num_levels} contradicts the model folder's record "
+                          f"num_levels={rec['num_levels']} (likelihood_data.json): bits/dim of the wrong level "
+                          "count are not comparable with anything.", stacklevel=4)
+        return opts
 
     def denoiser(self, prediction_type: Optional[str] = None) -> Denoiser:
         """The model as ``yhat(z, t)`` in VE terms, after checking its output channels against the config."""
@@ -106,9 +153,10 @@ class VELikelihoodPipeline(DiffusionPipeline):
         """Images -> (B, C, H, W) float64 in model space [-1, 1], checked against the unet and the level grid.
 
         Args:
-            images: a float tensor in model space (n-level data: on the grid ``2x/(n-1) - 1`` in [-1, 1];
-                continuous data: any finite values); a uint8 tensor or array of levels ``0..n-1``
-                (B, C, H, W); a PIL image or a list of them.
+            images: a float tensor in model space (n-level data: on the grid ``2x/(n-1) - 1`` in [-1, 1], else an
+                error naming ``num_levels``; continuous data: any finite values); a uint8 tensor or array of
+                levels ``0..n-1`` (B, C, H, W), with a warning when its largest level is far below ``n - 1``; a
+                PIL image or a list of them.
             num_levels: n (uint8 and PIL input need it); None: the input is continuous.
         """
         num_levels = discrete.check_num_levels(num_levels)
@@ -130,6 +178,7 @@ class VELikelihoodPipeline(DiffusionPipeline):
             if num_levels is None or int(x.max()) > num_levels - 1:
                 raise ValueError(f"uint8 `images` must hold levels 0..num_levels-1 with `num_levels` set; got max "
                                  f"{int(x.max())} with num_levels={num_levels!r}.")
+            discrete.warn_if_few_levels(int(x.max()), num_levels, "these uint8 images", stacklevel=5)
             y = discrete.levels_to_model(x, num_levels)
         elif x.is_floating_point():
             y = x.to(torch.float64)
@@ -137,8 +186,9 @@ class VELikelihoodPipeline(DiffusionPipeline):
                 raise ValueError("float `images` must be finite.")
             if num_levels is not None:
                 if float(y.abs().max()) > 1.0 + 1e-6:
-                    raise ValueError(f"float `images` of {num_levels}-level data must lie in model space [-1, 1]; "
-                                     f"got values in [{float(y.min()):.4g}, {float(y.max()):.4g}].")
+                    raise ValueError(f"float `images` of {num_levels}-level data (num_levels={num_levels}) must lie "
+                                     f"in model space [-1, 1]; got values in [{float(y.min()):.4g}, "
+                                     f"{float(y.max()):.4g}].")
                 y = discrete.levels_to_model(discrete.model_to_levels(y, num_levels), num_levels)
         else:
             raise ValueError(f"`images` must be float (model space) or uint8 (levels); got dtype {x.dtype}.")
@@ -173,94 +223,67 @@ class VELikelihoodPipeline(DiffusionPipeline):
     def __call__(
         self,
         images,
-        method: str = "elbo",
-        num_t_samples: int = 64,
+        options: Optional[LikelihoodOptions] = None,
         generator: Union[torch.Generator, List[torch.Generator], None] = None,
-        num_levels: Optional[int] = 256,
-        t_min: Optional[float] = None,
-        t_max: Optional[float] = None,
-        prior: str = "vp",
-        prior_moments: Optional[Sequence] = None,
-        dequantization: Optional[str] = None,
-        control_variate: bool = True,
-        rtol: float = 1e-4,
-        atol: float = 1e-4,
-        solver: str = "dopri5",
-        num_steps: int = 16,
-        trace: str = "auto",
-        num_probes: int = 4,
-        num_dequant: int = 1,
-        prediction_type: Optional[str] = None,
         seed: Optional[int] = None,
         indices: Optional[Sequence[int]] = None,
-        batch_size: int = 256,
-        num_decoder_samples: int = 8,
+        prediction_type: Optional[str] = None,
         return_dict: bool = True,
+        **fields,
     ) -> Union[VELikelihoodPipelineOutput, tuple]:
         """Estimate ``ln p`` and bits/dim per image.
 
         Args:
             images: see :meth:`preprocess` (float in [-1, 1], uint8 levels, or PIL).
-            method: ``"elbo"`` (McAllester's VAE expression, a bound, stochastic) or ``"ode"`` (probability flow).
-            num_t_samples: ELBO: model calls per image for the integral over ``t``.
+            options: a :class:`~diffusers_ve.likelihood.options.LikelihoodOptions`; any of its fields can also be
+                passed by name (``method="ode"``, ``num_levels=17``, ``t_min=...``), overriding ``options``.
+                ``method``: ``"elbo"`` (a bound, stochastic), ``"ode"`` (probability flow) or ``"both"``.
+                ``num_levels`` defaults to the loaded folder's record (``likelihood_data.json``), else 256;
+                ``None``: continuous data. ``t_min`` defaults to the quantisation rule for n-level data (ELBO).
             generator: a generator (draws the run seed) or one generator per image; CPU or CUDA (noise is drawn
                 on the generator's device, so CPU generators give the same numbers on every device).
-            num_levels: n of n-level data (256 for 8-bit; 17 for the digits); ``None``: continuous data, no
-                dequantisation, ``ln p(y)`` of the tensor itself.
-            t_min, t_max: VE range of the integral (default: the model table's ends).
-            prior: ``"vp"`` (``N(0, (1+T) I)``, where the sampling pipelines start), ``"ve"`` (``N(0, T I)``)
-                or ``"moment"`` (``N(m, (T+v) I)`` with ``prior_moments=(m, v)``).
-            dequantization: n-level data: ``"decoder"`` (ELBO only; default there) or ``"uniform"``
-                (default for the ODE).
-            control_variate: ELBO: use the cross-fitted control variate.
-            rtol, atol, solver, num_steps: ODE solver (adaptive ``"dopri5"`` or ``"fixed"`` steps).
-            trace, num_probes: ODE divergence: ``"exact"``, ``"hutchinson"`` or ``"auto"`` (exact up to d = 64).
-            num_dequant: ODE: dequantisation repeats per image.
-            prediction_type: optional check against the scheduler config (a mismatch is an error).
             seed, indices: run seed and global image indices (``python -m diffusers_ve.evaluate`` uses them).
-            batch_size: ELBO model batch; memory scales with it (values do not depend on it).
-            num_decoder_samples: ELBO with the discretised decoder: draws of ``z(t_min)`` per image (model calls),
-                averaged; their spread enters the standard error (1: NaN standard error).
+            prediction_type: optional check against the scheduler config (a mismatch is an error).
             return_dict: return a :class:`VELikelihoodPipelineOutput` (else a tuple of its fields).
 
         Returns:
-            :class:`VELikelihoodPipelineOutput`; ``summary()`` prints the mean with the protocol.
+            :class:`VELikelihoodPipelineOutput`; ``summary()`` prints the mean, what it bounds and the protocol.
         """
-        if method not in METHODS:
-            raise ValueError(f"`method` must be one of {METHODS}; got {method!r}.")
+        opts = self.options(options, **fields)
         den = self.denoiser(prediction_type)
-        y = self.preprocess(images, num_levels).to(self._execution_device)
-        lo, hi = common.check_t_range(den.axis, t_min, t_max)
-        pri = make_prior(prior, hi, prior_moments)
+        y = self.preprocess(images, opts.num_levels).to(self._execution_device)
         gens = self.generators(y.shape[0], generator, seed, indices)
-        deq = self._dequantization(method, num_levels, dequantization)
-        if method == "elbo":
-            est = elbo_log_likelihood(den, y, gens, num_t_samples, lo, hi, pri, num_levels, deq or "decoder",
-                                      control_variate, batch_size, num_decoder_samples)
+        if opts.method == "both":
+            out = self._run(den, y, gens, opts.replace(method="elbo", dequantization=None))
+            out.ode = self._run(den, y, gens, opts.replace(method="ode", dequantization=None))
         else:
-            est = ode.ode_log_likelihood(den, y, gens, lo, hi, pri, rtol, atol, solver, num_steps, trace, num_probes,
-                                         num_levels, num_dequant)
-        d = common.dim_of(y)
-        protocol = {"method": method, "t_min": lo, "t_max": hi, "prior": pri.describe(), **est.protocol,
-                    "dequantization": deq or "none", "num_levels": num_levels, "dim": d}
-        out = VELikelihoodPipelineOutput(est.log_likelihood, discrete.bits_per_dim(est.log_likelihood, d), est.stderr,
-                                         est.stderr / (d * discrete.LN2), est.nfe, protocol)
+            out = self._run(den, y, gens, opts)
         return out if return_dict else tuple(out.values())
 
-    @staticmethod
-    def _dequantization(method: str, num_levels, dequantization):
-        if num_levels is None:
-            if dequantization not in (None, "none"):
-                raise ValueError("`dequantization` needs `num_levels` (continuous data are not dequantised).")
-            return None
-        allowed = ("decoder", "uniform") if method == "elbo" else ("uniform",)
-        deq = dequantization or allowed[0]
-        if deq not in allowed:
-            raise ValueError(f"`dequantization` for method={method!r} must be one of {allowed}; got {deq!r}.")
-        return deq
+    def _run(self, den, y, gens, opts: LikelihoodOptions) -> VELikelihoodPipelineOutput:
+        """One method on preprocessed images, with a progress bar (ELBO: groups of images; ODE: % of the range)."""
+        lo, hi = opts.t_range(den.family, opts.method)
+        deq = opts.dequantization_for(opts.method)
+        d = common.dim_of(y)
+        with self.progress_bar(total=100) as bar:
+            def progress(done, total):
+                bar.update(int(100 * done / total) - bar.n)
+
+            fn = elbo_log_likelihood if opts.method == "elbo" else ode.ode_log_likelihood
+            est = fn(den, y, gens, opts.replace(t_min=lo, t_max=hi), progress=progress)
+        protocol = {"method": opts.method, "t_min": lo, "t_max": hi, "prior": opts.make_prior(hi).describe(),
+                    **est.protocol, "dequantization": deq or "none", "num_levels": opts.num_levels, "dim": d,
+                    "estimand": estimand(opts.method, opts.num_levels)}
+        scale = d * discrete.LN2
+        if str(est.protocol.get("trace", "")).startswith("hutchinson") and est.protocol.get("num_dequant", 1) == 1:
+            # the noise the probes add to one image's number (its standard error over the probes), on average
+            protocol["probe_std_bits_per_dim"] = float(est.stderr.mean() / scale)
+        terms = {k: v / scale for k, v in est.extras["terms"].items()} if "terms" in est.extras else None
+        return VELikelihoodPipelineOutput(est.log_likelihood, discrete.bits_per_dim(est.log_likelihood, d),
+                                          est.stderr, est.stderr / scale, est.nfe, protocol, terms)
 
     @torch.no_grad()
-    def integrand_plot(self, images, num_levels: Optional[int] = 256, num_t: int = 48, num_eps: int = 4,
+    def integrand_plot(self, images, num_levels: Union[int, None, str] = "default", num_t: int = 48, num_eps: int = 4,
                        generator: Optional[torch.Generator] = None, labels: Optional[Sequence[str]] = None):
         """Where the bits go: the ELBO integrand per unit ``ln t`` (bits/dim) against ``log10 t``, as a PIL image.
 
@@ -268,10 +291,29 @@ class VELikelihoodPipeline(DiffusionPipeline):
         ``1/(2 ln 2)``, is a denoiser that has learned nothing about that noise level.
         """
         den = self.denoiser()
+        num_levels = self.default_num_levels() if num_levels == "default" else num_levels
         y = self.preprocess(images, num_levels).to(self._execution_device)
-        t = torch.tensor(process.log_t_grid(den.axis.t_min, den.axis.t_max, num_t)[::-1], dtype=torch.float64)
+        t = torch.tensor(process.log_t_grid(den.family.t_min, den.family.t_max, num_t)[::-1], dtype=torch.float64)
         gen = generator or torch.Generator().manual_seed(0)
         groups = {lab: y[i:i + 1] for i, lab in enumerate(labels)} if labels else {f"mean over {len(y)} images": y}
         curves = {lab: elbo_integrand(den, yy, t, gen, num_eps).tolist() for lab, yy in groups.items()}
         return line_plot(torch.log10(t).tolist(), curves, "ELBO integrand: where the bits go", "log10 t",
                          "bits/dim per unit ln t", reference=1 / (2 * math.log(2)))
+
+
+def _find_data_record(path, kwargs) -> Optional[dict]:
+    """The data record of a local folder, or of a Hub repo (None when it has none or cannot be fetched)."""
+    import os
+
+    if os.path.isdir(str(path)):
+        return load_data_record(path)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        from ..likelihood.record import DATA_RECORD_NAME
+
+        local = hf_hub_download(str(path), DATA_RECORD_NAME, revision=kwargs.get("revision"),
+                                cache_dir=kwargs.get("cache_dir"), token=kwargs.get("token"))
+    except Exception:  # noqa: BLE001  (no record in the repo, or offline: the uint8 check still warns)
+        return None
+    return load_data_record(os.path.dirname(local))
