@@ -30,7 +30,7 @@ import diffusers_ve
 from diffusers_ve import checkpointing as ckpt
 from diffusers_ve import data as ve_data
 from diffusers_ve import training as T
-from diffusers_ve.pipelines.pipeline_ve_likelihood import mean_bits_per_dim
+from diffusers_ve.likelihood import mean_bits_per_dim, save_data_record
 from diffusers_ve.run_directory import RunDirectory, run_fingerprint
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -43,11 +43,11 @@ logger = logging.getLogger("train_ve")
 # flags left at None take these defaults: the built-in digits preset, or train_unconditional's for image data
 DIGITS_DEFAULTS = dict(model_config="small", resolution=8, train_batch_size=64, learning_rate=2e-3, lr_warmup_steps=100,
                        use_ema=True, ema_max_decay=0.999, save_images_epochs=20, num_levels=ve_data.DIGITS_LEVELS,
-                       eval_fraction=0.1)
+                       eval_fraction=0.1, loss_weighting="likelihood")
 DIGITS_MAX_TRAIN_STEPS = 1500  # the digits' length, only where neither --max_train_steps nor --num_epochs is given
 IMAGE_DEFAULTS = dict(model_config="cifar", resolution=64, train_batch_size=16, num_epochs=100, learning_rate=1e-4,
                       lr_warmup_steps=500, use_ema=False, ema_max_decay=0.9999, save_images_epochs=10,
-                      num_levels=256, eval_fraction=0.01)
+                      num_levels=256, eval_fraction=0.01, loss_weighting="ddpm")
 # numeric flags: the smallest allowed value (checked when the flag is set)
 AT_LEAST = dict(train_batch_size=1, eval_batch_size=1, gradient_accumulation_steps=1, num_inference_steps=1,
                 num_epochs=1, max_train_steps=1, num_levels=2, ddpm_num_steps=2, resolution=1, eval_num_images=0,
@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ddpm_num_steps", type=int, default=None, help="beta table length (default: 1000, or the fine-tuned folder's)")
     a("--ddpm_beta_schedule", default=None, choices=("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"),
       help="beta schedule (default: linear, or the fine-tuned folder's)")
-    a("--loss_weighting", default="ddpm", choices=T.LOSS_WEIGHTINGS, help="noise-level sampling and loss weight "
-      "(docs/guides/training.md); ddpm is the eps-MSE for every prediction type")
+    a("--loss_weighting", default=None, choices=T.LOSS_WEIGHTINGS, help="noise-level sampling and loss weight "
+      "(docs/guides/training.md; default: digits likelihood, the lowest held-out bits/dim; images ddpm, the eps-MSE "
+      "for every prediction type)")
     a("--sigma_data", type=float, default=0.5, help="EDM's data std (--loss_weighting edm)")
     # optimisation
     a("--train_batch_size", type=int, default=None, help="per process (default: digits 64, images 16)")
@@ -628,7 +629,12 @@ def save_pipeline(run: Run):
         unet = run.acc.unwrap_model(run.model)
         with ema_weights(unet, run.ema):
             DDPMPipeline(unet=unet, scheduler=run.scheduler).save_pretrained(run.cfg.output_dir)
+            save_data_record(run.cfg.output_dir, run.cfg.num_levels, data=data_name(run.cfg))  # bits/dim defaults
     run.acc.wait_for_everyone()
+
+
+def data_name(cfg) -> str:
+    return "sklearn digits" if cfg.digits else (cfg.dataset_name or cfg.train_data_dir)
 
 
 def one_line_summary(cfg, s):

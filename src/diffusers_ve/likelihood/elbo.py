@@ -17,7 +17,7 @@ from scipy.special import chdtr, chdtri
 from .. import process
 from .common import Estimate, check_generators, chunked, dim_of, draw
 from .discrete import dequantization_offset, dequantize, discretized_log_prob, level_log_prob
-from .options import DEQUANTIZATIONS, LikelihoodOptions  # noqa: F401  (DEQUANTIZATIONS: re-exported)
+from .options import LikelihoodOptions
 from .prior import prior_kl
 CV_GRID = tuple([0.0] + [10.0**e for e in torch.linspace(-6, 1, 29).tolist()])  # candidate v; 0 = off
 

@@ -22,7 +22,7 @@ import torch
 from .. import process
 from .common import Estimate, check_generators, dim_of, draw
 from .discrete import dequantization_offset, dequantize
-from .options import SOLVERS, TRACES, VARIABLES, LikelihoodOptions  # noqa: F401  (re-exported)
+from .options import LikelihoodOptions
 from .prior import prior_log_prob
 EXACT_TRACE_MAX_DIM = 64  # "auto" takes the exact divergence up to this many dimensions
 

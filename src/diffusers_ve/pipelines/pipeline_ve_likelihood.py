@@ -17,10 +17,10 @@ from .. import process
 from ..denoiser import Denoiser
 from ..likelihood import common, discrete, ode
 from ..likelihood.elbo import elbo_integrand, elbo_log_likelihood
-from ..likelihood.options import METHODS, LikelihoodOptions  # noqa: F401  (METHODS: re-exported)
+from ..likelihood.options import LikelihoodOptions
 from ..likelihood.plot import line_plot
 from ..likelihood.record import load_data_record, save_data_record
-from ..likelihood.stats import format_stderr, mean_bits_per_dim  # noqa: F401  (re-exported until callers move)
+from ..likelihood.stats import format_stderr, mean_bits_per_dim
 
 DEFAULT_NUM_LEVELS = 256  # a folder without a data record: 8-bit images
 
