@@ -131,6 +131,19 @@ def test_pipeline_saves_loads_samples_and_pushes(tmp_path, run, script, monkeypa
     pipe.set_progress_bar_config(disable=True)
     img = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert img.shape == (2, 8, 8, 1) and np.isfinite(img).all()
+    # the folder records its data's levels: the likelihood pipeline, given nothing else, reproduces the run's figure
+    from diffusers_ve import VELikelihoodPipeline, data as ve_data
+    from diffusers_ve.likelihood import mean_bits_per_dim
+
+    assert json.loads((out / "likelihood_data.json").read_text())["num_levels"] == 17
+    x = ve_data.load_digits_images(8, "pad")
+    held = x[ve_data.split_indices(len(x), 0.1, seed=0, min_held=script.MIN_HELD_OUT)[1]]
+    lik = VELikelihoodPipeline.from_pretrained(str(out))
+    lik.set_progress_bar_config(disable=True)
+    again = lik(held, generator=torch.Generator().manual_seed(0), num_t_samples=8)
+    assert mean_bits_per_dim(again.bits_per_dim, again.stderr_bits_per_dim)[0] == pytest.approx(s["bits_per_dim"], abs=1e-4)
+    with pytest.warns(UserWarning, match="num_levels"):  # 17 uint8 levels called 256 levels
+        lik(((held[:4] + 1) * 8).round().to(torch.uint8), num_levels=256, num_t_samples=2)
     # fine-tuning the saved folder: its architecture and its whole scheduler config carry over (a zero-SNR
     # table must stay zero-SNR: every timestep keeps meaning the same noise level); flags override
     source = dict(sched, rescale_betas_zero_snr=True, timestep_type="continuous", solver_order=1, rho=5.0,
