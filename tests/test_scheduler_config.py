@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
 
 from diffusers_ve import VEScheduler
 
@@ -30,8 +30,8 @@ def test_hub_configs_load_into_the_right_table_and_grid(name):
     sched = VEScheduler.from_config(cfg)
     assert sched.config.prediction_type == ptype and sched.config.clip_sample == clip
     abar = DDPMScheduler.from_config(cfg).alphas_cumprod.double()
-    np.testing.assert_allclose(sched.axis.alphas_cumprod.numpy(), abar.numpy(), rtol=2e-5)
-    assert sched.axis.t_max == pytest.approx(t_max, rel=1e-3)
+    np.testing.assert_allclose(sched.family.alphas_cumprod.numpy(), abar.numpy(), rtol=2e-5)
+    assert sched.family.t_max == pytest.approx(t_max, rel=1e-3)
     sched.set_timesteps(10)
     assert sched.timesteps[0].item() == pytest.approx(999.0) and len(sched.timesteps) == 10
     assert (sched.timesteps.diff() < 0).all() and sched.timesteps[-1].item() == pytest.approx(0.0, abs=1e-6)
@@ -123,9 +123,10 @@ def test_bad_t_range(t_min, t_max):
         VEScheduler(t_min=t_min, t_max=t_max)
 
 
-def test_flow_matching_config_is_rejected():
-    with pytest.raises(ValueError, match="flow-matching"):
-        VEScheduler.from_config(FlowMatchEulerDiscreteScheduler().config)
+def test_flow_matching_config_is_read_as_a_flow_and_a_consistency_config_refused_by_name():
+    assert VEScheduler.from_config(FlowMatchEulerDiscreteScheduler().config).config.model_family == "flow"
+    with pytest.raises(ValueError, match="LCMScheduler.*consistency"):
+        VEScheduler.from_config(LCMScheduler().config)
 
 
 def test_step_errors():

@@ -14,7 +14,7 @@ from .gmm import MixtureUNet, image_mixture
 
 
 def _float64_tables(sched, ve):
-    abar = ve.axis.alphas_cumprod
+    abar = ve.family.alphas_cumprod
     sched.alphas_cumprod = abar
     sched.alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
     sched.betas = 1 - sched.alphas

@@ -38,7 +38,7 @@ def mode_stats(y):
 
 def target_variance():
     """The sampler ends with yhat(z, t_min): the exact within-mode variance of that is s^4 / (s^2 + t_min)."""
-    t_min = VEScheduler().axis.t_min
+    t_min = VEScheduler().family.t_min
     s2 = MIX.stds**2
     return s2 * s2 / (s2 + t_min)
 

@@ -17,7 +17,12 @@ from diffusers_ve.data import (ChannelMismatchError, ImageDataset, ImageTransfor
 from diffusers_ve.training import Objective
 from .gmm import MixtureUNet, image_mixture
 
-AXIS = process.TimeAxis.from_config({"num_train_timesteps": 1000, "beta_schedule": "linear"})
+CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "linear"}
+AXIS = process.TimeAxis.from_config(CONFIG)
+
+
+def _vp(prediction_type):
+    return process.model_family({**CONFIG, "prediction_type": prediction_type})
 
 
 def elbo_diffusion_term(mix, y, n_eps=20000, seed=0):
@@ -38,7 +43,7 @@ def test_likelihood_loss_is_the_elbo_diffusion_term(prediction_type):
     y = mix.sample(16, generator=torch.Generator().manual_seed(1)).float()
     truth = elbo_diffusion_term(mix, y).mean() / mix.dim  # nats per dimension
     model = MixtureUNet.from_mixture(mix, prediction_type=prediction_type)
-    obj = Objective(AXIS, prediction_type, "likelihood")
+    obj = Objective(_vp(prediction_type), "likelihood")
     g = torch.Generator().manual_seed(2)
     reps, yy = 200, y.repeat(16, 1, 1, 1)  # 256 stratified t per draw
     losses = torch.stack([obj.per_sample_loss(model(b.x, b.timestep).sample, b)
@@ -46,7 +51,7 @@ def test_likelihood_loss_is_the_elbo_diffusion_term(prediction_type):
     est, se = losses.mean().item(), losses.mean(1).std().item() / math.sqrt(reps)
     assert abs(est - truth.item()) < 4 * se + 2e-3, (est, se, truth.item())
     # the default (ddpm) weighting measures something else: the test can fail
-    ddpm = Objective(AXIS, prediction_type, "ddpm")
+    ddpm = Objective(_vp(prediction_type), "ddpm")
     other = torch.stack([ddpm.per_sample_loss(model(b.x, b.timestep).sample, b) for b in (ddpm.draw(y, g) for _ in range(50))])
     assert abs(other.mean().item() - truth.item()) > 10 * se
 
@@ -57,7 +62,7 @@ def test_loss_is_the_same_for_every_prediction_type():
     for weighting in ("ddpm", "likelihood", "edm"):
         losses = []
         for ptype in ("epsilon", "v_prediction", "sample"):
-            obj = Objective(AXIS, ptype, weighting)
+            obj = Objective(_vp(ptype), weighting)
             b = obj.draw(y, torch.Generator().manual_seed(3))
             losses.append(obj.per_sample_loss(MixtureUNet.from_mixture(mix, prediction_type=ptype)(b.x, b.timestep).sample, b))
         torch.testing.assert_close(losses[1], losses[0], rtol=2e-3, atol=1e-5)
@@ -66,7 +71,7 @@ def test_loss_is_the_same_for_every_prediction_type():
 
 def test_edm_weight_on_denoising_error():
     """edm: weight (t + sd^2)/(t sd^2) on the per-dimension ||yhat - y||^2 (a deliberately wrong model)."""
-    obj = Objective(AXIS, "sample", "edm", sigma_data=0.5)
+    obj = Objective(_vp("sample"), "edm", sigma_data=0.5)
     y = torch.zeros(64, 1, 2, 2)
     b = obj.draw(y, torch.Generator().manual_seed(0))
     yhat = torch.full_like(y, 0.3)
@@ -76,21 +81,21 @@ def test_edm_weight_on_denoising_error():
 
 def test_time_sampling_distributions():
     g = torch.Generator().manual_seed(0)
-    obj = Objective(AXIS, "epsilon", "ddpm")
+    obj = Objective(_vp("epsilon"), "ddpm")
     t, tau = obj.sample_t(20000, g)
     assert torch.equal(tau, tau.round()) and tau.min() == 0 and tau.max() == 999
     torch.testing.assert_close(t, AXIS.t(tau))
     assert abs(tau.mean().item() - 499.5) < 6
     # likelihood: stratified log-uniform, exactly one draw per stratum of [ln t_min, ln t_max]
     lo, hi = math.log(AXIS.t_min), math.log(AXIS.t_max)
-    t, tau = Objective(AXIS, "epsilon", "likelihood").sample_t(64, g)
+    t, tau = Objective(_vp("epsilon"), "likelihood").sample_t(64, g)
     strata = torch.floor((t.log() - lo) / (hi - lo) * 64).long()
     assert sorted(strata.tolist()) == list(range(64))
     torch.testing.assert_close(AXIS.t(tau), t)
     # edm: ln sigma ~ N(-1.2, 1.2^2) truncated to the table: compare the CDF with scipy's truncnorm
     from scipy.stats import kstest, truncnorm
 
-    t, _ = Objective(AXIS, "epsilon", "edm").sample_t(5000, g)
+    t, _ = Objective(_vp("epsilon"), "edm").sample_t(5000, g)
     ls = 0.5 * t.log().numpy()
     a, b = (0.5 * lo + 1.2) / 1.2, (0.5 * hi + 1.2) / 1.2
     assert kstest(ls, truncnorm(a, b, loc=-1.2, scale=1.2).cdf).pvalue > 1e-3
@@ -101,7 +106,7 @@ def test_draw_is_the_diffusers_forward_process():
     """x and timestep of a ddpm draw are DDPMScheduler.add_noise at the same integer timesteps."""
     from diffusers import DDPMScheduler
 
-    obj = Objective(AXIS, "epsilon", "ddpm")
+    obj = Objective(_vp("epsilon"), "ddpm")
     y = torch.rand(16, 1, 8, 8) * 2 - 1
     b = obj.draw(y, torch.Generator().manual_seed(0))
     ref = DDPMScheduler(num_train_timesteps=1000).add_noise(y, b.eps, b.timestep.long())
@@ -110,9 +115,9 @@ def test_draw_is_the_diffusers_forward_process():
 
 def test_bad_objective_arguments():
     with pytest.raises(ValueError, match="loss_weighting"):
-        Objective(AXIS, "epsilon", "elbo")
+        Objective(_vp("epsilon"), "elbo")
     with pytest.raises(ValueError, match="prediction_type"):
-        Objective(AXIS, "eps", "ddpm")
+        Objective(_vp("eps"), "ddpm")
 
 
 def test_digits_keep_17_levels():

@@ -117,7 +117,7 @@ def calibrate_grid(
     student = cls.from_config({**base, "reverse_noise": 0.0})
     student.set_timesteps(n)
     start = [float(v) for v in student._t_grid[:n]]
-    log_lo, log_hi = math.log(student.t_lo), math.log(student.t_hi)
+    log_lo, log_hi = math.log(student.t_lo), math.log(start[0])  # the top stays where the default grid starts
 
     def error(logits):
         grid = _grid_from_logits(np.asarray(logits), log_lo, log_hi)

@@ -1,5 +1,5 @@
-"""``Denoiser``: any VP diffusers model as ``yhat(z, t)`` in VE terms, the one door to a model for
-likelihoods and training."""
+"""``Denoiser``: any diffusers model of a supported family as ``yhat(z, t)`` in VE terms, the one door to a model
+for likelihoods and training."""
 
 from __future__ import annotations
 
@@ -11,47 +11,52 @@ from . import process
 
 
 class Denoiser(torch.nn.Module):
-    """Wrap a ``UNet2DModel``-like module (``model(x, timestep).sample``) and its time axis as ``yhat(z, t)``.
+    """Wrap a ``UNet2DModel``-like module (``model(x, timestep).sample``) and its family as ``yhat(z, t)``.
 
     Args:
-        model: called as ``model(x, tau)`` with the VP input ``x = z / sqrt(1 + t)`` and float32 timesteps of
-            shape (B,); its output is in ``prediction_type`` units (a ``.sample`` attribute or a tensor).
-        axis: the model's :class:`~diffusers_ve.process.TimeAxis` (build it with ``TimeAxis.from_config``).
-        prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        model: called as ``model(x, tau)`` with the family's model input at VE ``(z, t)`` (the pipeline state,
+            scaled as ``scale_model_input`` scales it) and float32 timesteps of shape (B,); its output is in the
+            family's units (a ``.sample`` attribute or a tensor).
+        family: the model's :class:`~diffusers_ve.process.ModelFamily` (``process.model_family(scheduler_config)``):
+            time axis, state and output units.
         learned_variance: the model outputs ``2C`` channels (``variance_type="learned"/"learned_range"``);
             the second half is dropped.
     """
 
-    def __init__(self, model, axis: process.TimeAxis, prediction_type: str = "epsilon", learned_variance: bool = False):
+    def __init__(self, model, family: process.ModelFamily, learned_variance: bool = False):
         super().__init__()
         self.model = model
-        self.axis = axis
-        self.prediction_type = process.check_prediction_type(prediction_type)
+        self.family = family
         self.learned_variance = learned_variance
+
+    @property
+    def axis(self) -> process.ModelFamily:
+        return self.family
 
     @classmethod
     def from_scheduler(cls, model, scheduler, prediction_type: Optional[str] = None) -> "Denoiser":
-        """Build from a model and any DDPM-family scheduler (its config gives the table and prediction type)."""
+        """Build from a model and its scheduler (ours or any supported diffusers scheduler): the config gives the
+        family, the time axis and the prediction type."""
         cfg = scheduler.config
-        ptype = cfg.get("prediction_type", "epsilon")
-        if prediction_type is not None and prediction_type != ptype:
+        family = getattr(scheduler, "family", None) or process.model_family(cfg)
+        if prediction_type is not None and prediction_type != family.prediction_type:
             raise ValueError(
-                f"`prediction_type={prediction_type!r}` disagrees with the scheduler config ({ptype!r}); "
-                "fix the scheduler config instead of overriding it."
+                f"`prediction_type={prediction_type!r}` disagrees with the scheduler config "
+                f"({family.prediction_type!r}); fix the scheduler config instead of overriding it."
             )
-        learned = cfg.get("variance_type", None) in process.LEARNED_VARIANCE
-        return cls(model, process.TimeAxis.from_config(cfg), ptype, learned)
+        return cls(model, family, cfg.get("variance_type", None) in process.LEARNED_VARIANCE)
 
     def model_output(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Raw model output (``prediction_type`` units) at VE ``(z, t)``; ``t`` of shape (B,) or a scalar.
+        """Raw model output (the family's units) at VE ``(z, t)``; ``t`` of shape (B,) or a scalar.
 
-        The VP input is formed in at least float32 (``1 + t`` overflows half precision), then cast to the model's dtype.
+        The model input is formed in at least float32 (``1 + t`` overflows half precision), then cast to the model's dtype.
         """
         t = self._t(t, z)
-        dtype = getattr(self.model, "dtype", z.dtype)
-        x = process.vp_from_ve(z.to(process.compute_dtype(z)), t)
-        tau = self.axis.timestep(t).to(z.device, torch.float32)  # float tensors: a Python float is cast to long
-        out = self.model(x.to(dtype), tau)
+        cd = process.compute_dtype(z)
+        tc = t.to(cd)
+        x = self.family.model_input(z.to(cd), tc)
+        tau = self.family.timestep(t).to(z.device, torch.float32)  # float tensors: a Python float is cast to long
+        out = self.model(x.to(getattr(self.model, "dtype", z.dtype)), tau)
         out = getattr(out, "sample", out)
         if isinstance(out, tuple):
             out = out[0]
@@ -61,8 +66,9 @@ class Denoiser(torch.nn.Module):
         """``yhat(z, t) = E[y | z(t) = z]`` in VE data space, in ``z``'s dtype (computed in at least float32)."""
         t = self._t(t, z)
         cd = process.compute_dtype(z)
+        tc, zc = t.to(cd), z.to(cd)
         out = self.model_output(z, t).to(cd)
-        return process.yhat_from_output(out, z.to(cd), t.to(cd), self.prediction_type).to(z.dtype)
+        return self.family.yhat(out, self.family.state(zc, tc), tc).to(z.dtype)
 
     @staticmethod
     def _t(t, z):

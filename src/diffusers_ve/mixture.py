@@ -94,11 +94,16 @@ class GaussianMixture:
         return (z, k) if return_modes else z
 
 
-class MixtureUNet(ModelMixin, ConfigMixin):
-    """The exact denoiser of a :class:`GaussianMixture`, speaking like a VP ``UNet2DModel``.
+_FAMILY_KEYS = ("model_family", "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "timestep_type",
+                "prediction_type", "sigma_min", "sigma_max", "sigma_data", "snr_shift_scale", "rescale_betas_zero_snr")
 
-    ``forward(x, timestep)`` reads the VP input ``x`` at model timestep ``tau`` of the beta table in
-    ``scheduler_config`` and answers in ``prediction_type`` units (``UNet2DOutput.sample``), in ``x``'s dtype.
+
+class MixtureUNet(ModelMixin, ConfigMixin):
+    """The exact denoiser of a :class:`GaussianMixture`, speaking like a model of any supported family.
+
+    ``forward(x, timestep)`` reads the family's model input ``x`` (its state, scaled as ``scale_model_input`` scales
+    it) at model timestep ``tau`` and answers in the family's units (``UNet2DOutput.sample``), in ``x``'s dtype:
+    eps / v / sample on a DDPM table, EDM's ``F``, a VE score model's score or a flow model's velocity.
     """
 
     @register_to_config
@@ -116,28 +121,41 @@ class MixtureUNet(ModelMixin, ConfigMixin):
         sample_size: int = 8,
         in_channels: int = 1,
         out_channels: int = 1,
+        model_family: Optional[str] = None,
+        sigma_min: Optional[float] = None,
+        sigma_max: Optional[float] = None,
+        sigma_data: Optional[float] = None,
+        snr_shift_scale: Optional[float] = None,
+        rescale_betas_zero_snr: bool = False,
     ):
         super().__init__()
         self.mixture = GaussianMixture(means, stds, weights)
-        self.axis = process.TimeAxis.from_config(self.config)
-        process.check_prediction_type(prediction_type)
+        self.family = process.model_family({k: self.config[k] for k in _FAMILY_KEYS})
         self.anchor = torch.nn.Parameter(torch.zeros(0))  # gives the module a dtype and device
 
     @classmethod
     def from_mixture(cls, mixture: GaussianMixture, scheduler_config=None, **kwargs):
-        cfg = {k: v for k, v in dict(scheduler_config or {}).items() if k in ("num_train_timesteps", "beta_start",
-               "beta_end", "beta_schedule", "timestep_type", "prediction_type")}
-        cfg.update(kwargs)
+        """The mixture's denoiser as a model of the family that ``scheduler_config`` (any supported scheduler's,
+        default a DDPM table) describes; ``kwargs`` override its keys (e.g. ``prediction_type``)."""
+        cfg = {**dict(scheduler_config or {}), **kwargs}
+        family = process.model_family(cfg)
+        cfg = {k: v for k, v in cfg.items() if k in _FAMILY_KEYS}
+        cfg.update(model_family=family.name, prediction_type=family.prediction_type)
         c, h, w = mixture.shape
         return cls(mixture.means.tolist(), mixture.stds.tolist(), mixture.weights.tolist(), sample_size=h,
                    in_channels=c, out_channels=c, **cfg)
 
     def forward(self, sample, timestep, return_dict: bool = True, **kwargs):
+        fam = self.family
         tau = torch.as_tensor(timestep).reshape(-1).expand(sample.shape[0])
-        t = self.axis.t(tau)
-        z = process.ve_from_vp(sample.double().cpu(), t)
-        yhat = self.mixture.yhat(z, t)
-        out = process.output_from_yhat(yhat, z, t, self.config.prediction_type).to(sample.device, sample.dtype)
+        t = fam.t(tau)
+        x = sample.double().cpu() / process._per_sample(fam.input_scale(t), sample.double().cpu())
+        prior_mean = (self.mixture.weights[:, None] * self.mixture.means.flatten(1)).sum(0).reshape(self.mixture.shape)
+        finite = torch.isfinite(t)  # t = inf (a flow's pure noise): the posterior mean is the prior mean
+        yhat = prior_mean.expand_as(x).clone()
+        if bool(finite.any()):
+            yhat[finite] = self.mixture.yhat(fam.ve(x[finite], t[finite]), t[finite])
+        out = fam.output(yhat, x, t).to(sample.device, sample.dtype)
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 

@@ -13,6 +13,8 @@ tensors' own dtype (callers upcast half precision). Everything else in the packa
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -152,6 +154,14 @@ class TimeAxis:
         if timestep_type not in ("discrete", "continuous"):
             raise ValueError(f"`timestep_type` must be 'discrete' or 'continuous'; got {timestep_type!r}.")
         log_t = log_t_from_betas(betas, bool(get("rescale_betas_zero_snr", False)))
+        snr_shift = get("snr_shift_scale", None)  # CogVideoX: abar / (c + (1 - c) abar), i.e. t -> c t
+        if snr_shift is not None:
+            if not (isinstance(snr_shift, (int, float)) and snr_shift > 0):
+                raise ValueError(f"`snr_shift_scale` must be a number > 0; got {snr_shift!r}.")
+            log_t = log_t + math.log(snr_shift)
+        lo, hi = get("sigma_min", None), get("sigma_max", None)
+        if timestep_type == "continuous" and lo and hi:  # EulerDiscrete (SVD): the model's range, not the table's
+            log_t = torch.linspace(2 * math.log(lo), 2 * math.log(hi), len(log_t), dtype=torch.float64)
         return cls(log_t, continuous=timestep_type == "continuous")
 
     @property
@@ -346,6 +356,423 @@ def linear_step(
     return out
 
 
+# --------------------------------------------------------------------------------------- model families
+FAMILIES = ("vp", "ve", "edm", "flow")
+FAMILY_PREDICTION_TYPES = {
+    "vp": PREDICTION_TYPES, "edm": ("epsilon", "v_prediction"), "ve": ("score",), "flow": ("flow_prediction",)
+}
+
+
+class UnsupportedConfigError(ValueError):
+    """A scheduler config whose model family we cannot read: refused by name, never read as another family."""
+
+
+_VP_CLASSES = {
+    "DDPMScheduler", "DDIMScheduler", "DDIMInverseScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler",
+    "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler",
+    "DPMSolverMultistepScheduler", "DPMSolverMultistepInverseScheduler", "DPMSolverSinglestepScheduler",
+    "UniPCMultistepScheduler", "DEISMultistepScheduler", "SASolverScheduler", "UnCLIPScheduler", "RePaintScheduler",
+    "CogVideoXDDIMScheduler", "CogVideoXDPMScheduler",
+}
+_FAMILY_CLASSES = {
+    "ve": {"ScoreSdeVeScheduler"},
+    "edm": {"EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"},
+    "flow": {"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"},
+}
+_CONSISTENCY = "a consistency model: its output obeys a boundary condition at the end of its schedule, not a denoiser"
+_REFUSED = {
+    "LCMScheduler": _CONSISTENCY, "TCDScheduler": _CONSISTENCY, "CMStochasticIterativeScheduler": _CONSISTENCY,
+    "FlowMatchLCMScheduler": _CONSISTENCY, "FlowMapEulerDiscreteScheduler": "a distilled flow map (z_t -> z_r), not a denoiser", "SCMScheduler": _CONSISTENCY + " (sCM / TrigFlow parametrisation)",
+    "VQDiffusionScheduler": "discrete (VQ) diffusion over tokens", "AmusedScheduler": "masked-token (VQ) generation",
+    "DDPMWuerstchenScheduler": "Wuerstchen's own continuous cosine schedule, which the config does not record",
+    "IPNDMScheduler": "a sampler whose config records no model time axis (beta table, sigmas or flow)",
+    "KarrasVeScheduler": "KarrasVePipeline's own input/output preconditioning, which the config does not record",
+    "ScoreSdeVpScheduler": "a continuous VP SDE whose model timestep no diffusers pipeline defines",
+    "CosineDPMSolverMultistepScheduler": "EDM with arctan noise conditioning (Stable Audio), not EDM's ln(sigma)/4",
+}
+_FLOW_SWITCHES = ("use_flow_sigmas", "use_dynamic_shifting")
+_OUR_CLASSES = {"VEScheduler", "VEHeunScheduler"}  # saved before model_family existed: a DDPM table
+_SUPPORTED = (
+    "vp (a DDPM beta table: DDPM, DDIM, PNDM, Euler, Heun, DPM-Solver, UniPC, DEIS, ...), ve (ScoreSdeVeScheduler: "
+    "NCSN++ score models), edm (EDMEulerScheduler, EDMDPMSolverMultistepScheduler), flow (FlowMatchEuler/"
+    "HeunDiscreteScheduler: SD3, Flux; or a DPM-Solver/UniPC config with use_flow_sigmas)"
+)
+
+
+def _getter(config):
+    if isinstance(config, dict):
+        return config.get
+    return lambda k, d=None: getattr(config, k, d)
+
+
+def detect_family(config) -> str:
+    """The model family a scheduler config describes: ``"vp"``, ``"ve"``, ``"edm"`` or ``"flow"``.
+
+    Our own configs carry it in ``model_family``; a foreign one is read from its ``_class_name`` (or, without
+    one, from its keys). Raises :class:`UnsupportedConfigError`, naming what it found, for anything else.
+    """
+    get = _getter(config)
+    if get("model_family", None) is not None:
+        return check_choice("model_family", get("model_family"), FAMILIES)
+    name = str(get("_class_name", "") or "") or _class_by_keys(config)
+    if name in _REFUSED:
+        raise UnsupportedConfigError(f"{name} configs are not supported: {_REFUSED[name]}. Supported: {_SUPPORTED}.")
+    flow_on = any(bool(get(k, False)) for k in _FLOW_SWITCHES) or get("prediction_type", None) == "flow_prediction"
+    if name in _VP_CLASSES or name in _OUR_CLASSES:
+        family = "flow" if flow_on else "vp"
+    elif name:
+        family = _family_of_class(name)
+        if family is None:
+            raise UnsupportedConfigError(f"unknown scheduler class {name!r}: its model family cannot be read from its "
+                                         f"config. Supported: {_SUPPORTED}.")
+    else:  # a bare dict: read the keys
+        keys = {k: get(k, None) for k in ("sigma_data", "shift", "snr", "sampling_eps")}
+        family = ("edm" if keys["sigma_data"] is not None else "flow" if flow_on or keys["shift"] is not None
+                  else "ve" if keys["snr"] is not None or keys["sampling_eps"] is not None else "vp")
+    if family == "flow" and get("invert_sigmas", False):
+        raise UnsupportedConfigError(f"{name or 'this flow config'} sets invert_sigmas=True (Mochi's inverted model "
+                                     f"time), which is not supported. Supported: {_SUPPORTED}.")
+    return family
+
+
+@functools.lru_cache(maxsize=64)
+def _classes_with_keys(keys: frozenset) -> tuple:
+    import diffusers
+
+    out = []
+    for n in (n for n in dir(diffusers) if n.endswith("Scheduler")):
+        try:  # a class whose optional backend is missing raises on any attribute
+            params = set(inspect.signature(getattr(diffusers, n).__init__).parameters)
+        except Exception:
+            continue
+        if params - {"self", "kwargs"} == keys:
+            out.append(n)
+    return tuple(out)
+
+
+def _class_by_keys(config) -> str:
+    """The diffusers scheduler class whose ``__init__`` takes exactly this config's keys (an in-memory config has
+    no ``_class_name``); "" if none. UnsupportedConfigError if the candidates belong to different families."""
+    keys = frozenset(k for k in (config if isinstance(config, dict) else vars(config)) if not k.startswith("_"))
+    names = _classes_with_keys(keys)
+    kinds = {"refused" if n in _REFUSED else _family_of_class(n) for n in names}
+    if len(kinds) > 1:
+        raise UnsupportedConfigError(
+            f"this config has no `_class_name`, and its keys fit {', '.join(names)}, which are different model "
+            "families: pass the config with its `_class_name` (as saved in scheduler_config.json) or say "
+            f"`model_family=`. Supported: {_SUPPORTED}.")
+    return names[0] if names else ""
+
+
+def _family_of_class(name: str):
+    if name in _VP_CLASSES:
+        return "vp"
+    return next((f for f, names in _FAMILY_CLASSES.items() if name in names), None)
+
+
+def _t_tensor(t) -> torch.Tensor:
+    return _float64(t)
+
+
+class ModelFamily:
+    """How one family of diffusers models sits on the VE axis ``z = y + sqrt(t) eps`` (math.md, model families).
+
+    A family knows three things and nothing else needs to: the time axis (``t <-> model timestep``), the
+    pipeline-visible state ``x = scale(t) z`` (with ``init_noise_sigma`` and the ``scale_model_input`` factor),
+    and the output units (model output at state ``x`` <-> ``yhat``). Build one with :func:`model_family`.
+    Times are float64 tensors (a ``t`` of ``inf`` is the flow family's pure-noise start).
+    """
+
+    name = ""
+    scales_input = False  # does scale_model_input change the state (EDM's c_in)?
+    reference_scheduler = ""  # the diffusers class whose config a portable folder carries
+    sigma_schedules = ("karras", "log_t")  # grids the family supports (besides explicit sigmas/timesteps)
+
+    def __init__(self, prediction_type: str, num_train_timesteps: int, t_min: float, t_max: float):
+        allowed = FAMILY_PREDICTION_TYPES[self.name]
+        if prediction_type not in allowed:
+            raise ValueError(f"`prediction_type` of a {self.name!r}-family model must be one of {allowed}; "
+                             f"got {prediction_type!r}.")
+        if not (0 < t_min < t_max < math.inf):
+            raise ValueError(f"the {self.name!r} family needs 0 < t_min < t_max < inf; got [{t_min!r}, {t_max!r}].")
+        self.prediction_type, self.num_train_timesteps = prediction_type, int(num_train_timesteps)
+        self.t_min, self.t_max = float(t_min), float(t_max)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.prediction_type!r}, t in [{self.t_min:.4g}, {self.t_max:.4g}])"
+
+    def config_values(self) -> dict:
+        """The config keys that define this family's model (written into saved configs, never left implicit)."""
+        return {"model_family": self.name, "prediction_type": self.prediction_type}
+
+    # time axis ------------------------------------------------------------------------------------------------
+    @property
+    def t_start(self) -> float:
+        """VE time at which sampling starts by default (the top of the range; ``inf`` for flow)."""
+        return self.t_max
+
+    def t(self, timestep) -> torch.Tensor:
+        """VE ``t`` (float64) of model timesteps."""
+        raise NotImplementedError
+
+    def timestep(self, t) -> torch.Tensor:
+        """Model timestep (float64) at VE ``t``."""
+        raise NotImplementedError
+
+    def sigma(self, t) -> torch.Tensor:
+        """The family's own noise level at VE ``t`` (``sqrt(t)``; flow: ``s``), as its schedulers' ``sigmas``."""
+        return _t_tensor(t).sqrt()
+
+    def t_of_sigma(self, sigma) -> torch.Tensor:
+        return _t_tensor(sigma) ** 2
+
+    def train_t(self) -> torch.Tensor:
+        """VE times of the ``num_train_timesteps`` training levels, increasing (for ``alphas_cumprod``)."""
+        return torch.exp(torch.linspace(math.log(self.t_min), math.log(self.t_max), self.num_train_timesteps,
+                                        dtype=torch.float64))
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """``abar = 1 / (1 + t)`` over :meth:`train_t`, float64 (the VP view of any family)."""
+        return torch.sigmoid(-torch.log(self.train_t()))
+
+    @property
+    def betas(self) -> torch.Tensor:
+        abar = self.alphas_cumprod
+        return 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+
+    def check_range(self, t_lo: float, t_hi: float, name: str = "t range", rtol: float = 1e-6) -> None:
+        """ValueError unless ``t_min <= t_lo < t_hi <= t_max`` (the model was never trained outside)."""
+        lo, hi = self.t_min * (1 - rtol), self.t_max * (1 + rtol)
+        if not (math.isfinite(t_lo) and math.isfinite(t_hi) and lo <= t_lo < t_hi <= hi):
+            raise ValueError(f"{name} must satisfy {self.t_min:.6g} <= t_lo < t_hi <= {self.t_max:.6g} (the "
+                             f"model's range); got [{t_lo!r}, {t_hi!r}].")
+
+    def check_inside(self, t, name: str = "t", rtol: float = 1e-6) -> None:
+        """ValueError unless every VE time in ``t`` lies within ``[t_min, t_start]``."""
+        t = np.asarray(t, dtype=np.float64)
+        lo, hi = self.t_min * (1 - rtol), self.t_start * (1 + rtol)
+        if t.size == 0 or np.isnan(t).any() or t.min() < lo or t.max() > hi:
+            raise ValueError(f"{name} must lie within the model's range [{self.t_min:.6g}, {self.t_start:.6g}]; "
+                             f"got {t.tolist()!r}.")
+
+    # state and units ----------------------------------------------------------------------------------------
+    def scale(self, t: TLike) -> TLike:
+        """Pipeline state ``x = scale(t) z``."""
+        return 1.0 if not isinstance(t, torch.Tensor) else torch.ones_like(t)
+
+    def noise_std(self, t: TLike) -> TLike:
+        """``scale(t) sqrt(t)``: the noise standard deviation in the state (finite at ``t = inf`` where it must be)."""
+        return _sqrt(t)
+
+    def input_scale(self, t: TLike) -> TLike:
+        """What ``scale_model_input`` multiplies the state by (EDM's ``c_in``; 1 elsewhere)."""
+        return 1.0 if not isinstance(t, torch.Tensor) else torch.ones_like(t)
+
+    def init_noise_sigma(self, t: float) -> float:
+        """Standard deviation of the pipeline's starting state at VE ``t``, as the family's schedulers give it."""
+        return 1.0
+
+    def state(self, z: torch.Tensor, t: TLike) -> torch.Tensor:
+        """VE ``z`` -> pipeline state ``x``."""
+        return z * _per_sample(self.scale(t), z)
+
+    def ve(self, x: torch.Tensor, t: TLike) -> torch.Tensor:
+        """Pipeline state ``x`` -> VE ``z`` (finite ``t``)."""
+        return x / _per_sample(self.scale(t), x)
+
+    def model_input(self, z: torch.Tensor, t: TLike) -> torch.Tensor:
+        """VE ``z`` -> what the model reads: the state, scaled as ``scale_model_input`` scales it."""
+        return self.state(z, t) * _per_sample(self.input_scale(t), z)
+
+    def noisy_state(self, y: torch.Tensor, eps: torch.Tensor, t: TLike) -> torch.Tensor:
+        """The forward process in the state: ``x = scale(t) y + noise_std(t) eps`` (also at ``t = inf``)."""
+        return _per_sample(self.scale(t), y) * y + _per_sample(self.noise_std(t), y) * eps
+
+    def yhat(self, output: torch.Tensor, x: torch.Tensor, t: TLike) -> torch.Tensor:
+        """Model output at pipeline state ``x``, VE time ``t`` -> ``yhat`` (data space)."""
+        return yhat_from_output(output, self.ve(x, t), t, self.prediction_type)
+
+    def output(self, yhat: torch.Tensor, x: torch.Tensor, t: TLike) -> torch.Tensor:
+        """Inverse of :meth:`yhat`: the output of a model whose denoiser is ``yhat`` (the regression target)."""
+        return output_from_yhat(yhat, self.ve(x, t), t, self.prediction_type)
+
+    # the exact reverse step in the state ----------------------------------------------------------------------
+    def step_coefficients(self, t: float, s: float, reverse_noise: float) -> tuple[float, float, float]:
+        """``x_s = c_x x_t + c_y yhat + c_n noise``: :func:`step_coefficients` written in the state (b2).
+
+        Stays finite at ``t = inf`` (flow, zero-terminal-SNR): ``A / scale(t) = sigma_s^(1+l) sigma_t^(-l) / noise_std(t)``.
+        """
+        if s == 0:
+            return 0.0, 1.0, 0.0  # z_0 = yhat, and scale(0) = 1 in every family
+        a, v = step_coefficients(t, s, reverse_noise) if math.isfinite(t) else (0.0, s if reverse_noise > 0 else 0.0)
+        ln_ratio = 0.5 * (1 + reverse_noise) * math.log(s) - (0.5 * reverse_noise * math.log(t) if reverse_noise else 0.0)
+        c_x = float(self.scale(s)) * math.exp(ln_ratio) / float(self.noise_std(t))
+        return c_x, float(self.scale(s)) * (1 - a), float(self.scale(s)) * math.sqrt(v)
+
+
+class VPFamily(ModelFamily):
+    """A DDPM beta table (``x = z / sqrt(1 + t)``, eps / v / sample outputs): every DDPM-family scheduler."""
+
+    name, reference_scheduler = "vp", "DDPMScheduler"
+    sigma_schedules = ("karras", "log_t", "ddpm")
+
+    def __init__(self, axis: TimeAxis, prediction_type: str = "epsilon"):
+        self.axis = axis
+        super().__init__(prediction_type, axis.num_train_timesteps, axis.t_min, axis.t_max)
+
+    def t(self, timestep):
+        return self.axis.t(timestep)
+
+    def timestep(self, t):
+        return self.axis.timestep(t)
+
+    def train_t(self):
+        return torch.exp(self.axis.log_t)
+
+    def scale(self, t):
+        return 1 / _sqrt(1 + t)
+
+    def noise_std(self, t):
+        return _sqrt(t / (1 + t)) if not (isinstance(t, float) and math.isinf(t)) else 1.0
+
+
+class VEScoreFamily(ModelFamily):
+    """Native VE score models (``ScoreSdeVeScheduler``, NCSN++): state ``z``, timestep ``sigma``, output the score."""
+
+    name, reference_scheduler = "ve", "ScoreSdeVeScheduler"
+
+    def config_values(self):
+        return {**super().config_values(), "sigma_min": math.sqrt(self.t_min), "sigma_max": math.sqrt(self.t_max)}
+
+    def t(self, timestep):
+        return _t_tensor(timestep) ** 2
+
+    def timestep(self, t):
+        return _t_tensor(t).sqrt()
+
+    def init_noise_sigma(self, t):
+        return math.sqrt(t)
+
+    def yhat(self, output, x, t):
+        return x + _per_sample(t, x) * output  # score = (yhat - z) / t
+
+    def output(self, yhat, x, t):
+        return (yhat - x) / _per_sample(t, x)
+
+
+class EDMFamily(ModelFamily):
+    """EDM preconditioning (``EDMEulerScheduler``): state ``z``, input ``c_in z``, timestep ``ln(sigma)/4``,
+    ``yhat = c_skip z + c_out F`` with ``c_out`` negated for ``v_prediction``."""
+
+    name, reference_scheduler = "edm", "EDMEulerScheduler"
+    scales_input = True
+
+    def __init__(self, prediction_type, num_train_timesteps, t_min, t_max, sigma_data: float):
+        super().__init__(prediction_type, num_train_timesteps, t_min, t_max)
+        if not (isinstance(sigma_data, (int, float)) and sigma_data > 0):
+            raise ValueError(f"`sigma_data` must be a number > 0; got {sigma_data!r}.")
+        self.sigma_data = float(sigma_data)
+
+    def config_values(self):
+        return {**super().config_values(), "sigma_min": math.sqrt(self.t_min), "sigma_max": math.sqrt(self.t_max),
+                "sigma_data": self.sigma_data}
+
+    def t(self, timestep):
+        return torch.exp(8.0 * _t_tensor(timestep))
+
+    def timestep(self, t):
+        return torch.log(_t_tensor(t)) / 8.0
+
+    def input_scale(self, t):
+        return 1 / _sqrt(t + self.sigma_data**2)
+
+    def init_noise_sigma(self, t):
+        return math.sqrt(t + 1)
+
+    def _skip_out(self, t, like):
+        t, sd2 = _per_sample(t, like), self.sigma_data**2
+        c_out = _sqrt(t) * self.sigma_data / _sqrt(t + sd2)
+        return sd2 / (t + sd2), (-c_out if self.prediction_type == "v_prediction" else c_out)
+
+    def yhat(self, output, x, t):
+        c_skip, c_out = self._skip_out(t, x)
+        return c_skip * x + c_out * output
+
+    def output(self, yhat, x, t):
+        c_skip, c_out = self._skip_out(t, x)
+        return (yhat - c_skip * x) / c_out
+
+
+class FlowFamily(ModelFamily):
+    """Rectified flow (``FlowMatchEulerDiscreteScheduler``): ``x = (1 - s) y + s eps``, timestep ``s K``, velocity
+    output ``v = eps - y``. In VE terms ``sigma = s / (1 - s)``, ``t = sigma^2``, ``z = x / (1 - s)``."""
+
+    name, reference_scheduler = "flow", "FlowMatchEulerDiscreteScheduler"
+    sigma_schedules = ("flow", "karras", "log_t")
+
+    def __init__(self, num_train_timesteps: int = 1000, prediction_type: str = "flow_prediction"):
+        k = int(num_train_timesteps)
+        # trained on s in (0, 1]: t from s = 1/K up; t_max (s = 1 - 1/K) bounds karras/log_t grids and likelihoods
+        super().__init__(prediction_type, k, (1 / (k - 1)) ** 2, float(k - 1) ** 2)
+
+    @property
+    def t_start(self):
+        return math.inf
+
+    def sigma(self, t):
+        return 1 / (1 + 1 / _t_tensor(t).sqrt())  # s = sigma / (1 + sigma), exact at t = 0 and t = inf
+
+    def t_of_sigma(self, s):
+        s = _t_tensor(s)
+        return (s / (1 - s)) ** 2
+
+    def t(self, timestep):
+        return self.t_of_sigma(_t_tensor(timestep) / self.num_train_timesteps)
+
+    def timestep(self, t):
+        return self.sigma(t) * self.num_train_timesteps
+
+    def train_t(self):
+        return self.t(torch.arange(1, self.num_train_timesteps + 1, dtype=torch.float64))
+
+    def scale(self, t):
+        return 1 / (1 + _sqrt(t))
+
+    def noise_std(self, t):
+        if isinstance(t, torch.Tensor):
+            return 1 / (1 + 1 / t.sqrt())
+        return 1 / (1 + 1 / math.sqrt(t)) if t > 0 else 0.0
+
+    def yhat(self, output, x, t):
+        return x - _per_sample(self.noise_std(t), x) * output
+
+    def output(self, yhat, x, t):
+        return (x - yhat) / _per_sample(self.noise_std(t), x)
+
+
+_DEFAULTS = {"ve": (0.01, 1348.0), "edm": (0.002, 80.0)}
+
+
+def model_family(config) -> ModelFamily:
+    """Read a scheduler config (ours, or any diffusers scheduler's, as a dict or ``.config``) into its family.
+
+    Raises :class:`UnsupportedConfigError` for a config of no supported family (see :func:`detect_family`).
+    """
+    get, family = _getter(config), detect_family(config)
+    ptype = get("prediction_type", None)
+    if family == "vp":
+        return VPFamily(TimeAxis.from_config(config), ptype or "epsilon")
+    if family == "flow":
+        return FlowFamily(get("num_train_timesteps", 1000) or 1000, ptype or "flow_prediction")
+    lo, hi = (get("sigma_min", None) or _DEFAULTS[family][0]), (get("sigma_max", None) or _DEFAULTS[family][1])
+    k = get("num_train_timesteps", None) or 1000
+    if family == "ve":
+        return VEScoreFamily(ptype or "score", k, lo**2, hi**2)
+    return EDMFamily(ptype or "epsilon", k, lo**2, hi**2, get("sigma_data", None) or 0.5)
+
+
 # ------------------------------------------------------------------------------------------------ grids
 def karras_t(t_min: float, t_max: float, n: int, rho: float = 7.0) -> list[float]:
     """EDM rho-grid of ``n`` decreasing VE times from ``t_max`` to ``t_min`` (uniform in ``sigma^(1/rho)``)."""
@@ -405,3 +832,37 @@ def ddpm_timesteps(num_train_timesteps: int, n: int, spacing: str = "leading", s
     else:
         raise ValueError(f"`timestep_spacing` must be one of {TIMESTEP_SPACINGS}; got {spacing!r}.")
     return np.clip(steps.astype(np.int64), 0, k - 1)
+
+
+FLOW_TIME_SHIFTS = ("exponential", "linear")
+
+
+def flow_shift(s, shift: float = 1.0, mu: Optional[float] = None, time_shift_type: str = "exponential"):
+    """FlowMatch's shift of noise levels ``s`` (flow units): ``shift s / (1 + (shift - 1) s)``, or with ``mu``
+    (resolution-dependent, ``use_dynamic_shifting``) ``e^mu / (e^mu + 1/s - 1)`` (``"exponential"``) or
+    ``mu / (mu + 1/s - 1)`` (``"linear"``). It moves the grid, never the model's time axis."""
+    s = np.asarray(s, dtype=np.float64)
+    if mu is None:
+        return shift * s / (1 + (shift - 1) * s)
+    m = math.exp(mu) if check_choice("time_shift_type", time_shift_type, FLOW_TIME_SHIFTS) == "exponential" else mu
+    with np.errstate(divide="ignore"):
+        return m / (m + (1 / s - 1))
+
+
+def flow_grid(n: Optional[int], num_train_timesteps: int, shift: float = 1.0, mu: Optional[float] = None,
+              time_shift_type: str = "exponential", shift_terminal: Optional[float] = None,
+              sigmas: Optional[Sequence[float]] = None) -> np.ndarray:
+    """Decreasing flow noise levels ``s`` laid out as ``FlowMatchEulerDiscreteScheduler.set_timesteps`` lays them
+    (no trailing 0): ``n`` points linear in ``s`` between the shifted table ends, or the given pre-shift ``sigmas``,
+    then shifted (``mu`` given: dynamic shift), then stretched to end at ``shift_terminal`` if set."""
+    k = num_train_timesteps
+    if sigmas is None:
+        table = np.arange(k, 0, -1, dtype=np.float64) / k
+        if mu is None:  # FlowMatch shifts its table in __init__ when the shift is static, and the grid again below
+            table = flow_shift(table, shift)
+        sigmas = np.linspace(table[0], table[-1], n)
+    s = flow_shift(np.asarray(sigmas, dtype=np.float64), shift, mu, time_shift_type)
+    if shift_terminal:
+        s = 1 - (1 - s) / ((1 - s[-1]) / (1 - shift_terminal))
+    return s
+

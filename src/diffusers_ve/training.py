@@ -1,10 +1,12 @@
-"""The training objective of a VP diffusers UNet on the VE process (shared by ``training/train_ve.py`` and the tests).
+"""The training objective of a diffusers UNet on the VE process (shared by ``training/train_ve.py`` and the tests).
 
-The model is a VP ``UNet2DModel`` (``epsilon`` / ``v_prediction`` / ``sample`` on a DDPM beta table), so every
-diffusers scheduler can drive it; noise levels are drawn in VE time ``t`` and mapped to the model's timestep by
-:class:`~diffusers_ve.process.TimeAxis`. Every loss is ``w(t) * mean ||epshat - eps||^2`` (per dimension):
+The model belongs to a :class:`~diffusers_ve.process.ModelFamily` (usually a DDPM beta table: ``epsilon`` /
+``v_prediction`` / ``sample``, so every diffusers scheduler can drive it); noise levels are drawn in VE time ``t``
+and the family gives the model's input, timestep and output units. Every loss is ``w(t) * mean ||epshat - eps||^2``
+(per dimension):
 
-* ``ddpm``: integer table timesteps, uniform; ``w = 1`` (the eps-MSE of diffusers' ``train_unconditional.py``).
+* ``ddpm``: integer table timesteps, uniform; ``w = 1`` (the eps-MSE of diffusers' ``train_unconditional.py``;
+  DDPM tables only).
 * ``likelihood``: ``ln t ~ U[ln t_min, ln t_max]`` (stratified over the batch), ``w = ln(t_max / t_min) / 2``: the
   expectation is the diffusion term of McAllester's continuous ELBO (math.md §4.2), in nats per dimension.
 * ``edm``: ``ln sigma ~ N(p_mean, p_std^2)`` truncated to the table, weight ``(t + sd^2) / (t sd^2)`` on
@@ -37,7 +39,7 @@ class NoisyBatch:
         timestep: model timesteps ``tau(t)``, float32 (B,) on ``y``'s device.
         eps: standard-normal noise, shape of ``y``.
         z: VE state ``y + sqrt(t) eps``.
-        x: VP model input ``z / sqrt(1 + t)``.
+        x: the model input (the family's state, scaled as ``scale_model_input`` scales it).
     """
 
     t: torch.Tensor
@@ -48,55 +50,55 @@ class NoisyBatch:
 
 
 class Objective:
-    """Noise-level sampling and loss weighting for a VP model on a DDPM beta table.
+    """Noise-level sampling and loss weighting for a model of a given family.
 
     Args:
-        axis: the model's time axis (``TimeAxis.from_config(scheduler_config)``).
-        prediction_type: what the model outputs: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
-        weighting: ``"ddpm"``, ``"likelihood"`` or ``"edm"`` (see the module docstring).
+        family: the model's family and time axis (``process.model_family(scheduler_config)``).
+        weighting: ``"ddpm"`` (DDPM tables only), ``"likelihood"`` or ``"edm"`` (see the module docstring).
         sigma_data: EDM's data std ``sd`` (``edm`` only).
         p_mean, p_std: EDM's log-normal ``ln sigma ~ N(p_mean, p_std^2)`` (``edm`` only).
     """
 
-    def __init__(self, axis: process.TimeAxis, prediction_type: str = "epsilon", weighting: str = "ddpm",
-                 sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2):
-        self.axis = axis
-        self.prediction_type = process.check_prediction_type(prediction_type)
+    def __init__(self, family: process.ModelFamily, weighting: str = "ddpm", sigma_data: float = 0.5,
+                 p_mean: float = -1.2, p_std: float = 1.2):
+        self.family = family
         self.weighting = _check_choice("loss_weighting", weighting, LOSS_WEIGHTINGS)
+        if weighting == "ddpm" and family.name != "vp":
+            raise ValueError(f"`loss_weighting='ddpm'` draws integer DDPM-table timesteps; a {family.name!r}-family "
+                             "model has none: use 'likelihood' or 'edm'.")
         if not (sigma_data > 0 and p_std > 0):
             raise ValueError(f"`sigma_data` and `p_std` must be > 0; got {sigma_data!r}, {p_std!r}.")
         self.sigma_data, self.p_mean, self.p_std = float(sigma_data), float(p_mean), float(p_std)
 
     @classmethod
     def from_config(cls, scheduler_config, weighting: str = "ddpm", **kwargs) -> "Objective":
-        """Build from a scheduler config (its beta table and ``prediction_type``)."""
-        get = scheduler_config.get if isinstance(scheduler_config, dict) else scheduler_config.__getitem__
-        return cls(process.TimeAxis.from_config(scheduler_config), get("prediction_type"), weighting, **kwargs)
+        """Build from a scheduler config (its family, time axis and ``prediction_type``)."""
+        return cls(process.model_family(scheduler_config), weighting, **kwargs)
 
     def sample_t(self, n: int, generator: Optional[torch.Generator] = None):
         """Draw ``n`` VE times (float64, CPU) and their model timesteps (float64, CPU) for this weighting."""
-        lo, hi = math.log(self.axis.t_min), math.log(self.axis.t_max)
+        lo, hi = math.log(self.family.t_min), math.log(self.family.t_max)
         u = torch.rand(n, generator=generator, dtype=torch.float64)
         if self.weighting == "ddpm":
-            tau = torch.floor(u * self.axis.num_train_timesteps).clamp(max=self.axis.num_train_timesteps - 1)
-            return self.axis.t(tau), tau
+            tau = torch.floor(u * self.family.num_train_timesteps).clamp(max=self.family.num_train_timesteps - 1)
+            return self.family.t(tau), tau
         if self.weighting == "likelihood":  # stratified: one point per 1/n of [ln t_min, ln t_max], shuffled
             strata = torch.randperm(n, generator=generator)
-            log_t = process.stratified_t(self.axis.t_min, self.axis.t_max, u, strata, n).log()
+            log_t = process.stratified_t(self.family.t_min, self.family.t_max, u, strata, n).log()
         else:  # truncated normal in ln sigma = ln(t) / 2, by the inverse CDF
             norm = torch.distributions.Normal(torch.tensor(self.p_mean, dtype=torch.float64),
                                               torch.tensor(self.p_std, dtype=torch.float64))
             a, b = norm.cdf(torch.tensor(lo / 2, dtype=torch.float64)), norm.cdf(torch.tensor(hi / 2, dtype=torch.float64))
             log_t = 2 * norm.icdf(a + (b - a) * u).clamp(lo / 2, hi / 2)
-        t = torch.exp(log_t).clamp(self.axis.t_min, self.axis.t_max)
-        return t, self.axis.timestep(t)
+        t = torch.exp(log_t).clamp(self.family.t_min, self.family.t_max)
+        return t, self.family.timestep(t)
 
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         """Per-sample weight on the per-dimension eps-MSE, float64 (B,)."""
         if self.weighting == "ddpm":
             return torch.ones_like(t)
         if self.weighting == "likelihood":
-            return torch.full_like(t, 0.5 * math.log(self.axis.t_max / self.axis.t_min))
+            return torch.full_like(t, 0.5 * math.log(self.family.t_max / self.family.t_min))
         sd2 = self.sigma_data**2
         return (t + sd2) / sd2
 
@@ -107,23 +109,24 @@ class Objective:
         eps = randn_tensor(y.shape, generator=generator, device=y.device, dtype=torch.float32)
         y32, tt = y.float(), t.to(y.device, torch.float32)
         z = process.noisy(y32, eps, tt)
-        return NoisyBatch(t, tau.to(y.device, torch.float32), eps, z, process.vp_from_ve(z, tt))
+        return NoisyBatch(t, tau.to(y.device, torch.float32), eps, z, self.family.model_input(z, tt))
 
     def per_sample_loss(self, model_output: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
-        """``w(t) * mean over dimensions of (epshat - eps)^2``, float32 (B,), for a model output in
-        ``prediction_type`` units at ``batch.x``."""
+        """``w(t) * mean over dimensions of (epshat - eps)^2``, float32 (B,), for a model output in the family's
+        units at ``batch.x``."""
         out = model_output.float()
-        if self.prediction_type == "epsilon":
+        fam = self.family
+        if fam.name == "vp" and fam.prediction_type == "epsilon":
             epshat = out
         else:
             tt = batch.t.to(out.device, torch.float32)
-            yhat = process.yhat_from_output(out, batch.z, tt, self.prediction_type)
+            yhat = fam.yhat(out, fam.state(batch.z, tt), tt)
             epshat = process.output_from_yhat(yhat, batch.z, tt, "epsilon")
         mse = (epshat - batch.eps).pow(2).flatten(1).mean(1)
         return self.weight(batch.t).to(mse.device, mse.dtype) * mse
 
     def loss(self, model, y: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Mean loss of a VP ``model`` (called as ``model(x, timestep).sample``) on clean images ``y``."""
+        """Mean loss of ``model`` (called as ``model(x, timestep).sample``) on clean images ``y``."""
         batch = self.draw(y, generator)
         out = model(batch.x, batch.timestep)
         return self.per_sample_loss(getattr(out, "sample", out), batch).mean()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import inspect
 from typing import Callable, List, Optional, Union
 
+import diffusers
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
-from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -144,24 +145,29 @@ class VEPipeline(DiffusionPipeline):
         return DiffusionPipeline.numpy_to_pil(images) if output_type == "pil" else images
 
 
-def portable_scheduler(scheduler) -> DDPMScheduler:
-    """A ``DDPMScheduler`` whose config carries every key of a VE scheduler's config: a folder plain diffusers loads.
+def portable_scheduler(scheduler) -> SchedulerMixin:
+    """The family's stock diffusers scheduler (``DDPMScheduler`` for a DDPM table; ``EDMEulerScheduler``,
+    ``FlowMatchEulerDiscreteScheduler`` or ``ScoreSdeVeScheduler`` for the others) whose config carries every key of
+    a VE scheduler's config: a folder plain diffusers loads.
 
-    Plain diffusers samples it as DDPM (same beta table, prediction type and clipping; it logs that it ignores our
-    keys). With diffusers-ve installed, ``VEScheduler.from_config(pipe.scheduler.config)`` (or
-    ``VEHeunScheduler.from_config``) restores the VE sampler with all its settings. Every key is written out, not
-    only the ones that differ from a default: diffusers would otherwise fill them with *DDPMScheduler's* defaults
-    (``clip_sample=True``) when the folder is loaded.
+    Plain diffusers samples it with that scheduler (same time axis, prediction type and clipping; it logs that it
+    ignores our keys). With diffusers-ve installed, ``VEScheduler.from_config(pipe.scheduler.config)`` (or
+    ``VEHeunScheduler.from_config``) restores the VE sampler with all its settings, family included. Every key is
+    written out, not only the ones that differ from a default: diffusers would otherwise fill them with *its*
+    defaults (``DDPMScheduler``'s ``clip_sample=True``) when the folder is loaded.
 
     Args:
         scheduler: a ``VEScheduler`` or ``VEHeunScheduler``.
     """
     if not isinstance(scheduler, VESchedulerBase):
         raise ValueError(f"`scheduler` must be a VEScheduler or VEHeunScheduler; got {type(scheduler).__name__}.")
+    config = {k: v for k, v in scheduler.config.items() if k != "_use_default_values"}
+    if scheduler.family.name == "edm" and config["sigma_schedule"] == "log_t":
+        config["sigma_schedule"] = "exponential"  # the same grid, under the name EDMEulerScheduler accepts
     level = logging.get_verbosity()
     logging.set_verbosity_error()  # diffusers would call our keys "not expected": carrying them is the point
     try:
-        return DDPMScheduler.from_config({k: v for k, v in scheduler.config.items() if k != "_use_default_values"})
+        return getattr(diffusers, scheduler.family.reference_scheduler).from_config(config)
     finally:
         logging.set_verbosity(level)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
 import math
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import diffusers
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
@@ -17,7 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import process
 
-SIGMA_SCHEDULES = ("karras", "log_t", "ddpm")
+SIGMA_SCHEDULES = ("karras", "log_t", "exponential", "ddpm", "flow")  # exponential: EDM's name for log_t
 VARIANCE_TYPES = (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 _IGNORED_STEP_KWARGS = ("use_clipped_model_output",)
@@ -28,7 +30,7 @@ class VESchedulerOutput(SchedulerOutput):
     """Output of a VE scheduler's ``step``.
 
     Args:
-        prev_sample: the VP sample at the next grid time (the input of the next model call).
+        prev_sample: the pipeline state at the next grid time (the input of the next model call).
         pred_original_sample: ``yhat``, the denoised estimate at the current time (data space).
     """
 
@@ -36,25 +38,21 @@ class VESchedulerOutput(SchedulerOutput):
 
 
 class VESchedulerBase(SchedulerMixin, ConfigMixin):
-    """Config validation, grids, VP <-> VE at the boundary and step bookkeeping shared by the VE schedulers.
+    """Config validation, grids, the family's state at the boundary and step bookkeeping shared by the VE schedulers.
 
-    Pipeline-visible state is in VP coordinates (``init_noise_sigma = 1``, ``scale_model_input`` is the identity,
-    ``timesteps`` are model-table timesteps); the arithmetic of a step runs in VE space through
-    :mod:`diffusers_ve.process`.
+    The model family (``model_family``: a DDPM table, a native VE score model, EDM or rectified flow) is read from
+    the config once, by :func:`diffusers_ve.process.model_family`; it fixes what the pipeline sees (the state,
+    ``init_noise_sigma``, ``scale_model_input``, ``timesteps`` in the model's units). The arithmetic of a step is the
+    exact VE step of :mod:`diffusers_ve.process`, written in that state.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
-    init_noise_sigma = 1.0
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
-        name = str(dict(config or {}).get("_class_name", "")) if not isinstance(config, str) else ""
-        if "FlowMatch" in name or (isinstance(config, dict) and "use_dynamic_shifting" in config):
-            raise ValueError(
-                f"{cls.__name__} cannot take the config of a flow-matching scheduler ({name or 'shift keys'}): "
-                "it needs a DDPM-family beta table (linear, scaled_linear, squaredcos_cap_v2, sigmoid or trained_betas)."
-            )
+        """Build from any supported scheduler config: its model family is detected (and refused by name if we
+        cannot read it) and stored as ``model_family``; keyword arguments override config keys."""
         unknown = set(kwargs) - set(inspect.signature(cls.__init__).parameters)
         if unknown:  # diffusers would drop them silently: a typo must not pass for a setting
             allowed = sorted(set(inspect.signature(cls.__init__).parameters) - {"self"})
@@ -64,30 +62,58 @@ class VESchedulerBase(SchedulerMixin, ConfigMixin):
                 + ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
                 + f"; the config keys are {allowed}."
             )
+        if config is not None and not isinstance(config, str):
+            kwargs = {**_family_keys(config, kwargs), **kwargs}
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
+    @property
+    def compatibles(self):
+        """The diffusers schedulers that read this model's family (a DDPM-table config is not an EDM one)."""
+        names = _FAMILY_COMPATIBLES.get(self.family.name) or self._compatibles
+        return [c for c in (getattr(diffusers, n, None) for n in names) if c is not None]
+
     def _setup(self):
-        """Validate the config and build the float64 time axis; called at the end of ``__init__``."""
+        """Validate the config and read the model family; called at the end of ``__init__``."""
         cfg = self.config
         self.reverse_noise, self.window  # validate now; both are read from the config at every step
-        process.check_prediction_type(cfg.prediction_type)
+        self.family = process.model_family({**cfg, "_class_name": "VEScheduler"})  # ours, whatever the subclass
+        defining = {k: v for k, v in self.family.config_values().items() if cfg.get(k) != v}
+        if defining:  # saved configs name their family and its range, whatever defaults filled them
+            self.register_to_config(**defining)
         process.check_choice("sigma_schedule", cfg.sigma_schedule, SIGMA_SCHEDULES)
+        if _grid_name(cfg.sigma_schedule) not in self.family.sigma_schedules:
+            raise ValueError(f"`sigma_schedule={cfg.sigma_schedule!r}` does not apply to a {self.family.name!r}-family "
+                             f"model; use one of {self.family.sigma_schedules}.")
         process.check_choice("timestep_spacing", cfg.timestep_spacing, process.TIMESTEP_SPACINGS)
         process.check_choice("variance_type", cfg.variance_type, VARIANCE_TYPES)
         process.check_choice("final_sigmas_type", cfg.final_sigmas_type, FINAL_SIGMAS_TYPES)
+        process.check_choice("time_shift_type", cfg.time_shift_type, process.FLOW_TIME_SHIFTS)
         if not (isinstance(cfg.rho, (int, float)) and math.isfinite(cfg.rho) and cfg.rho > 0):
             raise ValueError(f"`rho` must be a finite number > 0; got {cfg.rho!r}.")
-        self.axis = process.TimeAxis.from_config(cfg)
-        self.t_lo = self.axis.t_min if cfg.t_min is None else float(cfg.t_min)
-        self.t_hi = self.axis.t_max if cfg.t_max is None else float(cfg.t_max)
-        self.axis.check_range(self.t_lo, self.t_hi, "[`t_min`, `t_max`]")
+        if not (isinstance(cfg.shift, (int, float)) and cfg.shift > 0):
+            raise ValueError(f"`shift` must be a number > 0; got {cfg.shift!r}.")
+        self.t_lo = self.family.t_min if cfg.t_min is None else float(cfg.t_min)
+        self.t_hi = self.family.t_max if cfg.t_max is None else float(cfg.t_max)
+        self.family.check_range(self.t_lo, self.t_hi, "[`t_min`, `t_max`]")
         self.calibrated_grids  # validate now
-        self.alphas_cumprod = self.axis.alphas_cumprod.float()  # for pipelines and training code that read it
+        # what DDPM-family schedulers expose and training code reads (any family: abar = 1 / (1 + t))
+        self.alphas_cumprod = self.family.alphas_cumprod.float()
+        self.betas = self.family.betas.float()
+        self.alphas = 1.0 - self.betas
         self.timesteps = None
         self.num_inference_steps = None
         self._t_grid: List[float] = []
         self._step_index = None
         self._begin_index = None
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """Standard deviation of the starting state the pipeline draws (1 for DDPM tables and flows)."""
+        return self.family.init_noise_sigma(self._t_grid[0] if self._t_grid else self._t_start())
+
+    def _t_start(self) -> float:
+        cfg = self.config
+        return self.family.t_start if cfg.sigma_schedule == "flow" and cfg.t_max is None else self.t_hi
 
     @property
     def reverse_noise(self) -> float:
@@ -112,7 +138,7 @@ class VESchedulerBase(SchedulerMixin, ConfigMixin):
                     f"got {key!r}: {grid!r}."
                 )
             _check_decreasing(f"calibrated_grids[{key!r}]", t)
-            self.axis.check_inside(t, f"`calibrated_grids[{key!r}]`")
+            self.family.check_inside(t, f"`calibrated_grids[{key!r}]`")
             out[int(key)] = t.tolist()
         return out
 
@@ -145,8 +171,17 @@ class VESchedulerBase(SchedulerMixin, ConfigMixin):
         self._begin_index = begin_index
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """Identity: the model input is the VP sample, as for DDPM/DDIM."""
-        return sample
+        """The model input for the state ``sample`` at ``timestep``: EDM's ``c_in x``; the identity in the other
+        families (the DDPM, VE-score and flow models read their state as it is)."""
+        if not self.family.scales_input:
+            return sample
+        index = self._step_index if self._step_index is not None else self._start_index(timestep)
+        c_in = self.family.input_scale(self._call_time(index))
+        return (sample.to(process.compute_dtype(sample)) * c_in).to(sample.dtype)
+
+    def _call_time(self, index: int) -> float:
+        """VE time at which model call ``index`` (a position in ``timesteps``) evaluates the model."""
+        return self._t_grid[index]
 
     def set_timesteps(
         self,
@@ -154,6 +189,7 @@ class VESchedulerBase(SchedulerMixin, ConfigMixin):
         device: Union[str, torch.device, None] = None,
         timesteps: Optional[Sequence[float]] = None,
         sigmas: Optional[Sequence[float]] = None,
+        mu: Optional[float] = None,
     ):
         """Lay out the reverse grid.
 
@@ -161,55 +197,98 @@ class VESchedulerBase(SchedulerMixin, ConfigMixin):
             num_inference_steps: number of grid points (model calls for a first-order scheduler); the grid comes
                 from ``sigma_schedule``.
             device: where ``timesteps`` live.
-            timesteps: model-table timesteps, strictly decreasing, within ``[0, num_train_timesteps - 1]``.
-            sigmas: VE noise levels ``sqrt(t)``, strictly decreasing, within the table (a trailing 0 is allowed).
+            timesteps: model timesteps, strictly decreasing, within the model's range. The ``timesteps`` this
+                scheduler laid out itself (float32) give back exactly its own grid.
+            sigmas: noise levels in the family's own units, strictly decreasing, within the model's range (a
+                trailing 0 is allowed): ``sqrt(t)`` (DDPM table, VE score, EDM) or, for a flow model, the pre-shift
+                ``s`` that FlowMatch schedulers take (shifted by ``shift`` or ``mu`` as they shift them).
+            mu: the resolution-dependent shift of flow models with ``use_dynamic_shifting`` (Flux pipelines pass it).
         """
         given = [a is not None for a in (num_inference_steps, timesteps, sigmas)]
         if sum(given) != 1:
             raise ValueError("pass exactly one of `num_inference_steps`, `timesteps` or `sigmas` to `set_timesteps`.")
-        t_grid, taus = self._grid(num_inference_steps, timesteps, sigmas)
-        final = 0.0 if self.config.final_sigmas_type == "zero" else self.axis.t_min
+        t_grid, taus = self._grid(num_inference_steps, timesteps, sigmas, mu)
+        final = 0.0 if self.config.final_sigmas_type == "zero" else self.family.t_min
         t_grid = [float(x) for x in t_grid]
         if t_grid[-1] > 0:
             t_grid.append(min(final, t_grid[-1]))
         if taus is None:
-            taus = self.axis.timestep(torch.tensor(t_grid[:-1], dtype=torch.float64))
+            taus = self.family.timestep(torch.tensor(t_grid[:-1], dtype=torch.float64))
         self._t_grid = t_grid
         self.num_inference_steps = len(t_grid) - 1
-        self.sigmas = torch.tensor(t_grid, dtype=torch.float64).sqrt().float()
+        self.sigmas = self.family.sigma(torch.tensor(t_grid, dtype=torch.float64)).float()
         self.timesteps = self._layout(torch.as_tensor(taus, dtype=torch.float64)).float().to(device)
         self._step_index = None
         self._begin_index = None
         self._reset()
 
-    def _grid(self, n, timesteps, sigmas):
+    def _grid(self, n, timesteps, sigmas, mu=None):
         """Decreasing VE times of the grid and, where they are given, the model timesteps."""
+        fam, cfg = self.family, self.config
         if sigmas is not None:
-            t = np.asarray(sigmas, dtype=np.float64) ** 2
-            _check_decreasing("sigmas", t)
-            self.axis.check_inside(t[:-1] if t[-1] == 0 else t, "`sigmas`**2")
+            sig = np.asarray(sigmas, dtype=np.float64)
+            _check_decreasing("sigmas", sig)
+            if fam.name == "flow":
+                sig = self._flow_s(None, sig, mu)
+            t = fam.t_of_sigma(torch.as_tensor(sig)).numpy()
+            fam.check_inside(t[:-1] if t[-1] == 0 else t, "`sigmas` (as VE times)")
             return t.tolist(), None
         if timesteps is not None:
-            tau = np.asarray(timesteps, dtype=np.float64)
+            tau = np.asarray(torch.as_tensor(timesteps).cpu(), dtype=np.float64)
+            own = self._own_grid(tau)
+            if own is not None:
+                return own
             _check_decreasing("timesteps", tau)
-            k = self.config.num_train_timesteps
-            if not self.axis.continuous and (tau.min() < 0 or tau.max() > k - 1):
-                raise ValueError(f"`timesteps` must lie in [0, {k - 1}]; got [{tau.min()}, {tau.max()}].")
-            return self.axis.t(torch.as_tensor(tau)).tolist(), tau
+            lo, hi = (float(fam.timestep(torch.tensor(x, dtype=torch.float64))) for x in (fam.t_min, fam.t_start))
+            if tau.min() < lo - 1e-6 * abs(lo) or tau.max() > hi + 1e-6 * abs(hi):
+                raise ValueError(f"`timesteps` must lie in the model's range [{lo:.6g}, {hi:.6g}]; "
+                                 f"got [{tau.min()}, {tau.max()}].")
+            t = fam.t(torch.as_tensor(tau)).numpy()
+            fam.check_inside(t, "`timesteps` (as VE times)")
+            return t.tolist(), tau
         if not (isinstance(n, (int, np.integer)) and n >= 1):
             raise ValueError(f"`num_inference_steps` must be an integer >= 1; got {n!r}.")
-        cfg = self.config
         if int(n) in self.calibrated_grids:
             return self.calibrated_grids[int(n)], None
-        if cfg.sigma_schedule in ("karras", "log_t"):
-            lo, hi = process.default_grid_range(self.axis.t_min, self.axis.t_max, int(n))
+        grid = _grid_name(cfg.sigma_schedule)
+        if grid in ("karras", "log_t"):
+            lo, hi = process.default_grid_range(fam.t_min, fam.t_max, int(n))
             lo = lo if cfg.t_min is None else self.t_lo  # a t_min / t_max of the config is used as given
             hi = hi if cfg.t_max is None else self.t_hi
-            if cfg.sigma_schedule == "karras":
+            if grid == "karras":
                 return process.karras_t(lo, hi, int(n), cfg.rho), None
             return process.log_t_grid(lo, hi, int(n)), None
+        if grid == "flow":
+            return fam.t_of_sigma(torch.as_tensor(self._flow_s(int(n), None, mu))).tolist(), None
         tau = process.ddpm_timesteps(cfg.num_train_timesteps, int(n), cfg.timestep_spacing, cfg.steps_offset)
-        return self.axis.t(torch.as_tensor(tau)).tolist(), tau
+        return fam.t(torch.as_tensor(tau)).tolist(), tau
+
+    def _flow_s(self, n, sigmas, mu):
+        """FlowMatch's shifted grid in ``s`` (``mu`` is required with ``use_dynamic_shifting``, as there)."""
+        cfg = self.config
+        if cfg.use_dynamic_shifting and mu is None:
+            raise ValueError("`mu` must be passed to `set_timesteps` when `use_dynamic_shifting` is True (the "
+                             "resolution-dependent shift that Flux-type pipelines compute from the image size).")
+        return process.flow_grid(n, cfg.num_train_timesteps, cfg.shift, mu if cfg.use_dynamic_shifting else None,
+                                 cfg.time_shift_type, cfg.shift_terminal, sigmas)
+
+    def _own_grid(self, tau):
+        """The grid whose float32 ``timesteps`` are ``tau`` (the current one, or the default one of that length),
+        so that a pipeline passing ``scheduler.timesteps`` back gets the same run; else None."""
+        def same(ts):
+            return ts is not None and len(ts) == len(tau) and np.array_equal(ts.cpu().numpy(), tau.astype(np.float32))
+
+        if same(self.timesteps):
+            return list(self._t_grid), None
+        try:
+            probe = copy.copy(self)
+            probe.set_timesteps(self._grid_points_for_calls(len(tau)))
+        except ValueError:
+            return None
+        return (list(probe._t_grid), None) if same(probe.timesteps) else None
+
+    def _grid_points_for_calls(self, calls: int) -> int:
+        return calls
 
     def _layout(self, taus: torch.Tensor) -> torch.Tensor:
         """Model timesteps as the pipeline iterates them (one per model call)."""
@@ -219,10 +298,10 @@ class VESchedulerBase(SchedulerMixin, ConfigMixin):
         """Clear per-trajectory state (solver history)."""
 
     def _init_step_index(self, timestep):
-        if self._begin_index is not None:
-            self._step_index = self._begin_index
-            return
-        self._step_index = self.index_for_timestep(timestep)
+        self._step_index = self._start_index(timestep)
+
+    def _start_index(self, timestep) -> int:
+        return self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
 
     def index_for_timestep(self, timestep) -> int:
         """Position of ``timestep`` in ``timesteps``; ValueError if it is not in the schedule."""
@@ -257,15 +336,13 @@ class VESchedulerBase(SchedulerMixin, ConfigMixin):
             raise ValueError("`step` was called more times than the schedule has timesteps; call `set_timesteps` again.")
         return self._step_index
 
-    def _yhat(self, model_output: torch.Tensor, sample: torch.Tensor, t: float):
-        """VP sample + model output at VE time ``t`` -> (VE ``z``, ``yhat``) in the compute dtype."""
+    def _yhat(self, model_output: torch.Tensor, sample: torch.Tensor, t: float) -> torch.Tensor:
+        """Pipeline state + model output at VE time ``t`` -> ``yhat`` in the compute dtype."""
         dtype = process.compute_dtype(sample)
         model_output = process.mean_output(model_output, sample, self.config.variance_type)
         if not bool(torch.isfinite(model_output.sum(dtype=torch.float32))):  # one reduction: NaN/inf propagate
             raise ValueError("the model output has non-finite values (NaN or inf); check the model and its dtype.")
-        z = process.ve_from_vp(sample.to(dtype), t)
-        yhat = process.yhat_from_output(model_output.to(dtype), z, t, self.config.prediction_type)
-        return z, self._clip(yhat)
+        return self._clip(self.family.yhat(model_output.to(dtype), sample.to(dtype), t))
 
     def _clip(self, yhat):
         cfg = self.config
@@ -283,29 +360,51 @@ class VESchedulerBase(SchedulerMixin, ConfigMixin):
     def _lambda(self, t: float) -> float:
         return process.reverse_noise_at(t, self.reverse_noise, self.window)
 
-    def _output(self, z_s, s, yhat, sample, return_dict):
-        prev = process.vp_from_ve(z_s, s).to(sample.dtype)
-        yhat = yhat.to(sample.dtype)
+    def _step_state(self, x, yhat, t, s, lam, noise=None, correction=None):
+        """The exact reverse step ``t -> s`` in the pipeline state; ``correction`` is a VE-space term."""
+        c_x, c_y, c_n = self.family.step_coefficients(t, s, lam)
+        out = c_x * x + c_y * yhat
+        if correction is not None:
+            out = out + float(self.family.scale(s)) * correction
+        return out + c_n * noise if c_n > 0 else out
+
+    def _output(self, x_s, yhat, sample, return_dict):
+        prev, yhat = x_s.to(sample.dtype), yhat.to(sample.dtype)
         if not return_dict:
             return (prev, yhat)
         return VESchedulerOutput(prev_sample=prev, pred_original_sample=yhat)
 
     # --------------------------------------------------------------------------------- training helpers
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """VP ``x = (y + sqrt(t) eps) / sqrt(1 + t)`` at model timesteps (integer or fractional)."""
+        """The family's state at model timesteps: ``x = scale(t) (y + sqrt(t) eps)`` (VP: ``z / sqrt(1 + t)``;
+        flow: ``(1 - s) y + s eps``; VE and EDM: ``z``)."""
         t = self._t_of(timesteps, original_samples)
         dtype = process.compute_dtype(original_samples)
-        z = process.noisy(original_samples.to(dtype), noise.to(dtype), t)
-        return process.vp_from_ve(z, t).to(original_samples.dtype)
+        return self.family.noisy_state(original_samples.to(dtype), noise.to(dtype), t).to(original_samples.dtype)
+
+    def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor) -> torch.Tensor:
+        """FlowMatch's name (and argument order) for :meth:`add_noise`, as its img2img pipelines call it."""
+        return self.add_noise(sample, noise, timestep)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """The v-prediction target for clean ``sample`` and ``noise`` at model timesteps."""
+        """The v-prediction target of a DDPM-table model for clean ``sample`` and ``noise`` at model timesteps."""
+        if self.family.name != "vp":
+            raise ValueError(f"`get_velocity` is the v-prediction target of a DDPM table; this is a "
+                             f"{self.family.name!r}-family scheduler.")
         t = self._t_of(timesteps, sample)
         dtype = process.compute_dtype(sample)
         return process.velocity(sample.to(dtype), noise.to(dtype), t).to(sample.dtype)
 
     def _t_of(self, timesteps, like):
-        t = self.axis.t(torch.as_tensor(timesteps).reshape(-1))
+        """VE times of model timesteps, per sample: the grid's own ``t`` for a timestep of the current schedule
+        (no float32 round trip), else the family's map."""
+        tau = torch.as_tensor(timesteps).reshape(-1)
+        t = self.family.t(tau)
+        if self.timesteps is not None:
+            for i, v in enumerate(tau.tolist()):
+                hit = (self.timesteps.cpu().double() - v).abs() <= 1e-6 * max(1.0, abs(v))
+                if bool(hit.any()):
+                    t[i] = self._call_time(int(hit.nonzero()[0]))
         if t.numel() == 1:
             t = t.expand(like.shape[0])
         return t.to(like.device, process.compute_dtype(like))
@@ -326,8 +425,10 @@ class VEScheduler(VESchedulerBase):
             forward noise (DDPM), larger = more.
         reverse_noise_window: ``[t_lo, t_hi]`` in VE time or null; lambda is 0 for steps that start outside it.
         solver_order: 1 (exact-linear step) or 2 (2M multistep; first and last steps are order 1).
-        sigma_schedule: the grid: ``"karras"`` (EDM rho-grid in sigma = sqrt(t)), ``"log_t"`` (uniform in ln t) or
-            ``"ddpm"`` (the integer timesteps of ``DDPMScheduler``, laid out by ``timestep_spacing``).
+        sigma_schedule: the grid: ``"karras"`` (EDM rho-grid in sigma = sqrt(t)), ``"log_t"`` (uniform in ln t;
+            ``"exponential"`` is EDM's name for it), ``"ddpm"`` (the integer timesteps of ``DDPMScheduler``, laid out
+            by ``timestep_spacing``; DDPM tables only) or ``"flow"`` (FlowMatch's shifted grid; flow models, and
+            their default).
         rho: the Karras grid exponent.
         t_min, t_max: VE-time range of the grid (default: the table's ``t_0`` and ``t_{K-1}``).
         timestep_spacing, steps_offset: diffusers' meaning, read only for ``sigma_schedule="ddpm"``.
@@ -340,6 +441,15 @@ class VEScheduler(VESchedulerBase):
         timestep_type: ``"discrete"`` (table index, interpolated in ln t) or ``"continuous"`` (``0.25 ln sigma``).
         calibrated_grids: ``{"n": [t_1, ..., t_n]}``, grids fitted to the model by :meth:`calibrate`; for those
             ``num_inference_steps`` they replace ``sigma_schedule``.
+        model_family: ``"vp"`` (a DDPM beta table), ``"ve"`` (a native VE score model, ``ScoreSdeVeScheduler``),
+            ``"edm"`` (EDM preconditioning) or ``"flow"`` (rectified flow); ``from_config`` reads it from any
+            supported diffusers config and refuses the rest by name. See the swap guide's family sections.
+        sigma_min, sigma_max, sigma_data: the model's range in ``sigma = sqrt(t)`` (VE score, EDM; EulerDiscrete's
+            continuous-timestep models) and EDM's data standard deviation, as their diffusers schedulers name them.
+        shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len, max_image_seq_len, shift_terminal,
+            time_shift_type: a flow model's grid, with ``FlowMatchEulerDiscreteScheduler``'s meaning
+            (``sigma_schedule="flow"``); pipelines read them to compute ``mu``.
+        snr_shift_scale: CogVideoX's table reshaping, ``t -> snr_shift_scale * t``.
     """
 
     @register_to_config
@@ -370,6 +480,19 @@ class VEScheduler(VESchedulerBase):
         timestep_type: str = "discrete",
         rescale_betas_zero_snr: bool = False,
         calibrated_grids: Optional[Dict[str, List[float]]] = None,
+        model_family: Optional[str] = None,
+        sigma_min: Optional[float] = None,
+        sigma_max: Optional[float] = None,
+        sigma_data: Optional[float] = None,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        shift_terminal: Optional[float] = None,
+        time_shift_type: str = "exponential",
+        snr_shift_scale: Optional[float] = None,
     ):
         if solver_order not in (1, 2):
             raise ValueError(f"`solver_order` must be 1 or 2; got {solver_order!r}.")
@@ -409,7 +532,7 @@ class VEScheduler(VESchedulerBase):
         Args:
             model_output: the model's output at (``sample``, ``timestep``), in ``prediction_type`` units.
             timestep: the current entry of ``timesteps``.
-            sample: the VP sample ``x = z / sqrt(1 + t)``.
+            sample: the pipeline state at ``t`` (the family's: ``z / sqrt(1 + t)`` for a DDPM table).
             generator: a ``torch.Generator`` or a list of them (one per batch element) for the reverse noise.
             return_dict: return a ``SchedulerOutput`` rather than a tuple.
             variance_noise: standard-normal noise to use instead of drawing it (shape of ``sample``).
@@ -417,27 +540,56 @@ class VEScheduler(VESchedulerBase):
                 are accepted and ignored; anything else is a TypeError.
 
         Returns:
-            ``VESchedulerOutput(prev_sample, pred_original_sample)``: the VP sample at ``s`` and ``yhat``.
+            ``VESchedulerOutput(prev_sample, pred_original_sample)``: the state at ``s`` and ``yhat``.
         """
         i = self._begin_step(model_output, timestep, sample, kwargs)
         t, s = self._t_grid[i], self._t_grid[i + 1]
-        z, yhat = self._yhat(model_output, sample, t)
+        yhat = self._yhat(model_output, sample, t)
         lam = self._lambda(t)
-        a, v = process.step_coefficients(t, s, lam)
         correction = None
         if self.config.solver_order == 2 and self._history is not None and s > 0:
             t_prev, yhat_prev = self._history
             correction = process.multistep_weight(t, s, t_prev, lam) * (yhat - yhat_prev)
-        noise = self._noise(z, generator, variance_noise) if v > 0 else None
-        z_s = process.linear_step(z, yhat, a, v, noise, correction)
+        noise = self._noise(yhat, generator, variance_noise) if lam > 0 and 0 < s < t else None
+        x_s = self._step_state(sample.to(yhat.dtype), yhat, t, s, lam, noise, correction)
         self._history = (t, yhat)
         self._step_index += 1
-        return self._output(z_s, s, yhat, sample, return_dict)
+        return self._output(x_s, yhat, sample, return_dict)
 
 
 def _check_decreasing(name, values):
     if values.ndim != 1 or len(values) < 1 or not np.all(np.isfinite(values)) or np.any(np.diff(values) >= 0):
         raise ValueError(f"`{name}` must be a non-empty, finite, strictly decreasing sequence; got {values.tolist()!r}.")
+
+
+
+
+def _grid_name(sigma_schedule: str) -> str:
+    return "log_t" if sigma_schedule == "exponential" else sigma_schedule
+
+
+# diffusers schedulers that read each family's config (a DDPM-table config is no EDM or flow config)
+_FAMILY_COMPATIBLES = {
+    "vp": [e.name for e in KarrasDiffusionSchedulers if not e.name.startswith("EDM")],
+    "edm": ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"],
+    "flow": ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"],
+    "ve": ["ScoreSdeVeScheduler"],
+}
+
+
+def _family_keys(config, kwargs) -> dict:
+    """What ``from_config`` adds to a foreign config: its family, and the units its model answers in where the
+    config does not say (a VE score model returns the score; a flow model the velocity) or its grid."""
+    family = process.detect_family({**dict(config), **kwargs})
+    out = {"model_family": family}
+    get = dict(config).get
+    if family in ("ve", "flow") and "prediction_type" not in kwargs and get("model_family") is None:
+        out["prediction_type"] = process.FAMILY_PREDICTION_TYPES[family][0]
+    if family == "flow" and "sigma_schedule" not in kwargs and get("sigma_schedule") is None:
+        out["sigma_schedule"] = "flow"
+    if "solver_order" not in kwargs and isinstance(get("solver_order"), int) and get("solver_order") > 2:
+        out["solver_order"] = 2  # a DPM-Solver/UniPC order 3: ours is at most 2
+    return out
 
 
 __all__ = ["VEScheduler", "VESchedulerBase", "VESchedulerOutput"]

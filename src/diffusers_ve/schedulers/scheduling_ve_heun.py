@@ -62,6 +62,19 @@ class VEHeunScheduler(VESchedulerBase):
         final_sigmas_type: str = "zero",
         timestep_type: str = "discrete",
         rescale_betas_zero_snr: bool = False,
+        model_family: Optional[str] = None,
+        sigma_min: Optional[float] = None,
+        sigma_max: Optional[float] = None,
+        sigma_data: Optional[float] = None,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        shift_terminal: Optional[float] = None,
+        time_shift_type: str = "exponential",
+        snr_shift_scale: Optional[float] = None,
     ):
         self._calls: List[Tuple[int, bool]] = []
         self._reset()
@@ -71,7 +84,7 @@ class VEHeunScheduler(VESchedulerBase):
         """One timestep per model call: the predictor at ``t_i``, then (if ``0 < t_{i+1} < t_i``) the corrector
         at ``t_{i+1}``."""
         grid = self._t_grid
-        last = self.axis.timestep(torch.tensor(grid[-1], dtype=torch.float64)) if grid[-1] > 0 else None
+        last = self.family.timestep(torch.tensor(grid[-1], dtype=torch.float64)) if grid[-1] > 0 else None
         taus = list(taus.unbind()) + [last]
         self._calls, out = [], []
         for i in range(len(grid) - 1):
@@ -83,7 +96,14 @@ class VEHeunScheduler(VESchedulerBase):
         return torch.stack(out)
 
     def _reset(self):
-        self._pending = None  # (z_t, yhat_t, A, V, noise, lambda) of the step whose corrector is due
+        self._pending = None  # (x_t, yhat_t, noise, lambda) of the step whose corrector is due
+
+    def _call_time(self, index: int) -> float:
+        i, corrector = self._calls[index]
+        return self._t_grid[i + 1] if corrector else self._t_grid[i]
+
+    def _grid_points_for_calls(self, calls: int) -> int:
+        return (calls + 1) // 2  # N grid points above 0 take 2N - 1 calls
 
     @property
     def state_in_first_order(self) -> bool:
@@ -112,7 +132,7 @@ class VEHeunScheduler(VESchedulerBase):
         Args:
             model_output: the model's output at (``sample``, ``timestep``), in ``prediction_type`` units.
             timestep: the current entry of ``timesteps``.
-            sample: the VP sample ``x = z / sqrt(1 + t)`` at the current call's time.
+            sample: the pipeline state at the current call's time.
             generator: a ``torch.Generator`` or a list of them (one per batch element) for the reverse noise,
                 drawn once per step, on the predictor call.
             return_dict: return a ``SchedulerOutput`` rather than a tuple.
@@ -121,7 +141,7 @@ class VEHeunScheduler(VESchedulerBase):
                 are accepted and ignored; anything else is a TypeError.
 
         Returns:
-            ``VESchedulerOutput(prev_sample, pred_original_sample)``: the VP sample at ``s`` (the predictor's
+            ``VESchedulerOutput(prev_sample, pred_original_sample)``: the state at ``s`` (the predictor's
             ``z~`` after a predictor call, the corrected ``z_s`` after a corrector call) and this call's ``yhat``.
         """
         i, corrector = self._calls[self._begin_step(model_output, timestep, sample, kwargs)]
@@ -132,20 +152,20 @@ class VEHeunScheduler(VESchedulerBase):
                     f"timestep index {self._step_index} is a corrector call but no predictor call preceded it; "
                     "start at an even index (`set_begin_index(k * scheduler.order)`)."
                 )
-            z, yhat_t, a, v, noise, lam = self._pending
-            _, yhat = self._yhat(model_output, sample, s)
+            x, yhat_t, noise, lam = self._pending
+            yhat = self._yhat(model_output, sample, s)
             correction = process.heun_weight(t, s, lam) * (yhat - yhat_t)
-            z_s = process.linear_step(z, yhat_t, a, v, noise, correction)
+            x_s = self._step_state(x, yhat_t, t, s, lam, noise, correction)
             self._pending = None
         else:
-            z, yhat = self._yhat(model_output, sample, t)
+            yhat = self._yhat(model_output, sample, t)
             lam = self._lambda(t)
-            a, v = process.step_coefficients(t, s, lam)
-            noise = self._noise(z, generator, variance_noise) if v > 0 else None
-            z_s = process.linear_step(z, yhat, a, v, noise)
-            self._pending = (z, yhat, a, v, noise, lam) if 0 < s < t else None
+            noise = self._noise(yhat, generator, variance_noise) if lam > 0 and 0 < s < t else None
+            x = sample.to(yhat.dtype)
+            x_s = self._step_state(x, yhat, t, s, lam, noise)
+            self._pending = (x, yhat, noise, lam) if 0 < s < t else None
         self._step_index += 1
-        return self._output(z_s, s, yhat, sample, return_dict)
+        return self._output(x_s, yhat, sample, return_dict)
 
 
 __all__ = ["VEHeunScheduler"]
