@@ -60,6 +60,8 @@ def samplers(quick: bool = False) -> Dict[str, Callable[[dict], object]]:
     out: Dict[str, Callable] = {}
     lams = (0.0, 1.0) if quick else (0.0, 0.5, 1.0)
     out["VE default λ=0"] = lambda c: ve.from_config(c, reverse_noise=0.0)
+    out["VE old default (karras on the whole table) λ=0"] = lambda c: ve.from_config(
+        c, reverse_noise=0.0, t_min=ve.from_config(c).family.t_min, t_max=ve.from_config(c).family.t_max)
     for grid, kw in GRIDS.items():
         for order in (2,) if quick else (2, 1):
             for lam in lams:
