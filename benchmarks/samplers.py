@@ -1,6 +1,6 @@
 """Sampler accuracy at 5/10/20/50 model calls and per-step overhead, on a population with an exact denoiser.
 
-    OMP_NUM_THREADS=1 python benchmarks/samplers.py [--n 8192] [--out table.md] [--explore]
+    OMP_NUM_THREADS=1 python benchmarks/samplers.py [--n 8192] [--out table.md] [--explore] [--family vp|flow|edm|ve|all]
 
 The population is a 6-mode isotropic Gaussian mixture in image shape (1, 8, 8) (d = 64) with unequal weights and
 widths; its exact denoiser is wrapped as an epsilon-prediction ``MixtureUNet`` on the DDPM linear beta table, so
@@ -19,6 +19,13 @@ The second row ("table limit") is the best any sampler can do with this model: e
 table's smallest time, denoised once by yhat(z, t_0). The last column is the wall time of
 ``scale_model_input`` + ``step`` per model call over ``EulerDiscreteScheduler``'s (median of paired rounds on a
 (4, 4, 64, 64) float32 batch, 1 thread). ``--explore`` adds grid variants.
+
+``--family`` puts the same population behind another model family's parametrisation (math.md, model families):
+``flow`` (FlowMatchEuler config, shift 3: SD3), ``edm`` (EDMEuler config), ``ve`` (ScoreSdeVe config, sigma_max
+100). Each table compares ours (lambda 0, 0.5, 1; order 2; the family's default grid, karras and log_t) with that
+family's stock diffusers schedulers: FlowMatchEuler and FlowMatchHeun (and FlowMatchEuler's
+``stochastic_sampling``); EDMEuler and EDMDPMSolverMultistep; ScoreSdeVe's predictor-corrector loop (one
+corrector per predictor, as ScoreSdeVePipeline runs it).
 """
 
 from __future__ import annotations
@@ -38,8 +45,13 @@ from diffusers import (  # noqa: E402
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    EDMDPMSolverMultistepScheduler,
+    EDMEulerScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    ScoreSdeVeScheduler,
     UniPCMultistepScheduler,
 )
 
@@ -165,6 +177,68 @@ def explore_samplers() -> List[Sampler]:
     return out
 
 
+FAMILY_CONFIGS = {
+    "vp": lambda: DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False).config,
+    "flow": lambda: FlowMatchEulerDiscreteScheduler(shift=3.0).config,
+    "edm": lambda: EDMEulerScheduler().config,
+    "ve": lambda: ScoreSdeVeScheduler(sigma_max=100.0).config,
+}
+
+
+def family_samplers(family: str) -> List[Sampler]:
+    """Ours on each grid beside the family's stock diffusers schedulers (see the module docstring)."""
+    default = {"flow": "flow"}.get(family, "karras")
+    out = []
+    for grid in dict.fromkeys((default, "karras", "log_t")):
+        for lam in (0.0, 0.5, 1.0):
+            out.append(Sampler(f"VEScheduler λ={lam:g} order 2 {grid}", _ve(reverse_noise=lam, sigma_schedule=grid)))
+    if family == "flow":
+        out += [Sampler("FlowMatchEulerDiscrete", lambda c: FlowMatchEulerDiscreteScheduler.from_config(c)),
+                Sampler("FlowMatchHeunDiscrete", lambda c: FlowMatchHeunDiscreteScheduler.from_config(c))]
+        if "stochastic_sampling" in inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters:
+            out.append(Sampler("FlowMatchEulerDiscrete stochastic_sampling",
+                               lambda c: FlowMatchEulerDiscreteScheduler.from_config(c, stochastic_sampling=True)))
+    elif family == "edm":
+        out += [Sampler("EDMEuler", lambda c: EDMEulerScheduler.from_config(c)),
+                Sampler("EDMDPMSolverMultistep 2M", lambda c: EDMDPMSolverMultistepScheduler.from_config(c))]
+    elif family == "ve":
+        out.append(Sampler("ScoreSdeVe predictor-corrector", lambda c: ScoreSdeVeLoop(c)))
+    return out
+
+
+class ScoreSdeVeLoop:
+    """ScoreSdeVePipeline's loop (``correct_steps`` Langevin corrections, then a predictor) as a scheduler-shaped
+    object: ``timesteps`` holds one entry per model call, the model's timestep being sigma, as that pipeline
+    passes it. diffusers' ScoreSdeVeScheduler has no ``step`` (huggingface/diffusers#1642)."""
+
+    def __init__(self, config):
+        self.inner = ScoreSdeVeScheduler.from_config(config)
+        self.per_step = 1 + self.inner.config.correct_steps
+
+    @property
+    def init_noise_sigma(self):
+        return self.inner.init_noise_sigma
+
+    def set_timesteps(self, n):
+        self.inner.set_timesteps(n)
+        self.inner.set_sigmas(n)
+        self.timesteps = self.inner.sigmas.repeat_interleave(self.per_step)
+        self._calls, self._mean = 0, None
+
+    def scale_model_input(self, x, t):
+        return x
+
+    def step(self, out, t, x, generator=None):
+        i, k = divmod(self._calls, self.per_step)
+        self._calls += 1
+        if k < self.per_step - 1:
+            return self.inner.step_correct(out, x, generator=generator)
+        res = self.inner.step_pred(out, self.inner.timesteps[i], x, generator=generator)
+        last = self._calls == len(self.timesteps)
+        return type(res)(prev_sample=res.prev_sample_mean if last else res.prev_sample,
+                         prev_sample_mean=res.prev_sample_mean)
+
+
 def steps_for_budget(scheduler, budget: int) -> int:
     """The most inference steps whose schedule needs at most ``budget`` model calls (Heun-type: 2 per step)."""
     for n in range(budget, 0, -1):
@@ -232,18 +306,19 @@ def reference_rows(metrics: Metrics, t0: float, budgets, seed: int) -> List[str]
     ]
 
 
-def run(n: int = 8192, floor_sets: int = 4, explore: bool = False, budgets=BUDGETS, seed: int = 0) -> str:
+def run(n: int = 8192, floor_sets: int = 4, explore: bool = False, budgets=BUDGETS, seed: int = 0,
+        family: str = "vp") -> str:
     torch.set_num_threads(1)
     mix = population(seed)
-    config = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False).config
-    model = CountingModel(MixtureUNet.from_mixture(mix, config, prediction_type="epsilon"))
+    config = FAMILY_CONFIGS[family]()
+    model = CountingModel(MixtureUNet.from_mixture(mix, config))
     metrics = Metrics(mix, n, floor_sets, seed=seed + 1)
     x_init = torch.randn((n, *mix.shape), generator=torch.Generator().manual_seed(seed + 2))
 
-    rows = reference_rows(metrics, process.TimeAxis.from_config(config).t_min, budgets, seed)
+    rows = reference_rows(metrics, process.model_family(config).t_min, budgets, seed)
     timing, base = {}, 0.0
     results = []
-    for spec in samplers(explore):
+    for spec in samplers(explore) if family == "vp" else family_samplers(family):
         cells = []
         for b in budgets:
             sched = spec.make(config)
@@ -252,17 +327,20 @@ def run(n: int = 8192, floor_sets: int = 4, explore: bool = False, budgets=BUDGE
             y, calls, _ = sample(sched, steps, model, x_init, seed + 3)
             assert calls == model.calls
             cells.append(fmt(metrics(y)) + ("" if calls == b else f" ({calls})"))
-        timing[spec.name], base = overhead_ratio(spec.make, config)
+        if family == "vp":
+            timing[spec.name], base = overhead_ratio(spec.make, config)
         results.append((spec.name, cells))
         print(f"  {spec.name}: " + " | ".join(cells), flush=True)
     for name, cells in results:
-        rows.append(f"| {name} | " + " | ".join(cells) + f" | {timing[name]:.2f} |")
+        rows.append(f"| {name} | " + " | ".join(cells) + (f" | {timing[name]:.2f} |" if name in timing else " | |"))
     note = (
-        f"\nCells: SW2 · Δw (%) · Δvar (%); lower is better, the first row is the noise floor. d = {mix.dim}, "
-        f"{len(mix.weights)} modes, {n} samples, exact epsilon-prediction denoiser on the DDPM linear table, float32 "
-        "sampling. A number in parentheses is the model calls actually used when they differ from the budget. "
-        "Step overhead: scale_model_input + step per model call over EulerDiscreteScheduler's, median of 7 paired "
-        f"rounds on a (4, 4, 64, 64) float32 batch (Euler: {base * 1e3:.2f} ms per call).\n"
+        f"\nFamily {family} ({process.model_family(config)!r}). Cells: SW2 · Δw (%) · Δvar (%); lower is better, "
+        f"the first row is the noise floor. d = {mix.dim}, {len(mix.weights)} modes, {n} samples, the exact "
+        "denoiser in the family's parametrisation, float32 sampling. A number in parentheses is the model calls "
+        "actually used when they differ from the budget."
+        + (" Step overhead: scale_model_input + step per model call over EulerDiscreteScheduler's, median of 7 "
+           f"paired rounds on a (4, 4, 64, 64) float32 batch (Euler: {base * 1e3:.2f} ms per call)." if timing else "")
+        + "\n"
     )
     return "\n".join(rows) + "\n" + note
 
@@ -273,10 +351,13 @@ def main(argv: Optional[list] = None):
     p.add_argument("--floor-sets", type=int, default=4, help="independent true sets for the noise floor")
     p.add_argument("--explore", action="store_true", help="add grid variants")
     p.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS), help="model-call budgets")
+    p.add_argument("--family", choices=[*FAMILY_CONFIGS, "all"], default="vp",
+                   help="the model family the population is parametrised in (default: vp, the DDPM table)")
     p.add_argument("--out", help="also write the markdown table to this file")
     args = p.parse_args(argv)
     t0 = time.time()
-    table = run(args.n, args.floor_sets, args.explore, tuple(args.budgets))
+    families = list(FAMILY_CONFIGS) if args.family == "all" else [args.family]
+    table = "\n".join(run(args.n, args.floor_sets, args.explore, tuple(args.budgets), family=f) for f in families)
     print(table)
     print(f"({time.time() - t0:.0f} s)")
     if args.out:

@@ -386,6 +386,21 @@ def test_flow_scale_noise_matches_flowmatch(name):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["Efficient-Large-Model--Sana_1600M_1024px_diffusers", "Wan-AI--Wan2.1-T2V-1.3B-Diffusers"])
+def test_flow_shift_of_a_ddpm_class_moves_the_grid_as_shift_does(name):
+    """DPMSolver/UniPC keep the shift in `flow_shift`, FlowMatch in `shift`: the same shift must give the same grid."""
+    cfg = _fixture(name)
+    twin = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": cfg["flow_shift"]}
+    plain = dict(twin, shift=1.0)
+    grids = []
+    for c in (cfg, twin, plain):
+        sched = VEScheduler.from_config(c)
+        sched.set_timesteps(6)
+        grids.append(sched.timesteps.double())
+    torch.testing.assert_close(grids[0], grids[1])
+    assert (grids[0][1:] > grids[2][1:] + 1).all(), "flow_shift was dropped"
+
+
 # ----------------------------------------------------------------- SchedulerCommonTest's checks, per family
 FAMILY_FIXTURES = {
     "vp": "runwayml--stable-diffusion-v1-5",

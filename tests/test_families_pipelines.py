@@ -5,6 +5,7 @@ Each stock pipeline (SD3, Flux, SDXL with an EDM config, SD3 img2img) is run wit
 family's first-order reference step (FlowMatchEuler; EDMEuler), so both give the same latents from the same seed.
 An NCSN++-style score model (ScoreSdeVe config, Fourier time embedding) has no stock loop with a ``step``; its
 reference is the same step written out here (Euler in sigma on the probability-flow ODE, yhat = z + sigma^2 score).
+VEHeunScheduler is run in the same pipelines (it has no stock twin: finite output on the model's own range).
 Components are random and built from configs offline; prompts enter as embeddings (no tokenizer, no text encoder).
 """
 
@@ -27,7 +28,7 @@ from diffusers import (
     UNet2DModel,
 )
 
-from diffusers_ve import VEPipeline, VEScheduler
+from diffusers_ve import VEHeunScheduler, VEPipeline, VEScheduler
 
 HUB = Path(__file__).parent / "fixtures" / "hub"
 EMBED = 16
@@ -77,7 +78,7 @@ def _flux():
     return FluxPipeline(transformer=transformer, vae=_vae(1), scheduler=scheduler, **NO_TEXT)
 
 
-def _sdxl_edm():
+def _sdxl_edm(prediction_type="epsilon"):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         block_out_channels=(4, 8), layers_per_block=1, sample_size=SIZE, in_channels=4, out_channels=4,
@@ -86,7 +87,8 @@ def _sdxl_edm():
         addition_time_embed_dim=8, transformer_layers_per_block=1, projection_class_embeddings_input_dim=6 * 8 + EMBED,
         cross_attention_dim=EMBED, norm_num_groups=1,
     )
-    scheduler = EDMEulerScheduler.from_config(_hub("playgroundai--playground-v2.5-1024px-aesthetic"))
+    config = _hub("playgroundai--playground-v2.5-1024px-aesthetic")
+    scheduler = EDMEulerScheduler.from_config(config, prediction_type=prediction_type)
     return StableDiffusionXLPipeline(vae=_vae(4), unet=unet, scheduler=scheduler, add_watermarker=False, **NO_TEXT)
 
 
@@ -115,7 +117,7 @@ def _check_swap(pipe, **kwargs):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * scale)
     outs = [ours]
     for lam in (0.5, 1.0):
-        noisy, _ = _run(pipe, VEScheduler.from_config(stock.config, reverse_noise=lam), **kwargs)
+        noisy, _ = _run(pipe, VEScheduler.from_config(stock.config, reverse_noise=lam, solver_order=1), **kwargs)
         assert torch.isfinite(noisy).all()
         assert all((noisy - o).abs().max() > 1e-3 * scale for o in outs), f"lambda={lam} changed nothing"
         outs.append(noisy)
@@ -145,10 +147,23 @@ def test_sd3_img2img_swap_equals_flowmatch_euler():
 
 
 # -------------------------------------------------------------------------------------- EDM: SDXL (Playground)
-def test_sdxl_edm_swap_equals_edm_euler():
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_sdxl_edm_swap_equals_edm_euler(prediction_type):
     # no custom-sigmas variant: EDMEulerScheduler.set_timesteps(sigmas=) takes a ramp in [0, 1], not sigmas
-    _check_swap(_sdxl_edm(), num_inference_steps=STEPS, height=SIZE, width=SIZE, guidance_scale=1.0,
+    _check_swap(_sdxl_edm(prediction_type), num_inference_steps=STEPS, height=SIZE, width=SIZE, guidance_scale=1.0,
                 **_embeds(pooled=EMBED))
+
+
+@pytest.mark.parametrize("make", [_sd3, _flux, _sdxl_edm], ids=["sd3", "flux", "sdxl-edm"])
+def test_heun_swap_runs_in_every_family_pipeline(make):
+    pipe = make()
+    kwargs = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, guidance_scale=1.0, **_embeds())
+    ref, ref_t = _run(pipe, pipe.scheduler, **kwargs)
+    for lam in (0.0, 1.0):
+        out, seen = _run(pipe, VEHeunScheduler.from_config(pipe.scheduler.config, reverse_noise=lam), **kwargs)
+        assert out.shape == ref.shape and torch.isfinite(out).all()
+        assert seen[0] == pytest.approx(float(ref_t[0]), rel=1e-5), "Heun must start where the stock scheduler does"
+        assert seen.min() >= ref_t.min() - 1e-4 * abs(float(ref_t.min())) - 1e-6, "a timestep outside the model range"
 
 
 # ----------------------------------------------------------------------------------- VE score model: NCSN++
