@@ -252,9 +252,11 @@ class VESchedulerBase(SchedulerMixin, ConfigMixin):
             return self.calibrated_grids[int(n)], None
         grid = _grid_name(cfg.sigma_schedule)
         if grid in ("karras", "log_t"):
-            lo, hi = process.default_grid_range(fam.t_min, fam.t_max, int(n))
-            lo = lo if cfg.t_min is None else self.t_lo  # a t_min / t_max of the config is used as given
-            hi = hi if cfg.t_max is None else self.t_hi
+            lo, hi = self.t_lo, self.t_hi
+            if fam.name == "vp":  # DDPM tables: the budget's range (other families keep their reference grids)
+                lo, hi = process.default_grid_range(fam.t_min, fam.t_max, int(n))
+                lo = lo if cfg.t_min is None else self.t_lo  # a t_min / t_max of the config is used as given
+                hi = hi if cfg.t_max is None else self.t_hi
             if grid == "karras":
                 return process.karras_t(lo, hi, int(n), cfg.rho), None
             return process.log_t_grid(lo, hi, int(n)), None
