@@ -253,11 +253,11 @@ def sample(scheduler, steps: int, model, x_init: torch.Tensor, seed: int):
     g = torch.Generator().manual_seed(seed)
     kw = {"generator": g} if "generator" in inspect.signature(scheduler.step).parameters else {}
     scheduler.set_timesteps(steps)
-    x = x_init * scheduler.init_noise_sigma
+    x = x_init * getattr(scheduler, "init_noise_sigma", 1.0)  # FlowMatch schedulers have none: they start at 1
     calls, spent = 0, 0.0
     for t in scheduler.timesteps:
         t0 = time.perf_counter()
-        inp = scheduler.scale_model_input(x, t)
+        inp = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         spent += time.perf_counter() - t0
         out = model(inp, t)
         calls += 1

@@ -95,15 +95,21 @@ def make_betas(
     return betas
 
 
-def log_t_from_betas(betas: torch.Tensor, rescale_betas_zero_snr: bool = False) -> torch.Tensor:
-    """``ln t_k`` for a beta table, float64: ``t_k = expm1(-cumsum(log1p(-beta)))`` (exact near t -> 0)."""
-    betas = betas.to(torch.float64)
-    if rescale_betas_zero_snr:
-        from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+def log_t_from_betas(betas: torch.Tensor, rescale_betas_zero_snr: bool = False,
+                     snr_shift_scale: Optional[float] = None) -> torch.Tensor:
+    """``ln t_k`` for a beta table, float64: ``t_k = expm1(-cumsum(log1p(-beta)))`` (exact near t -> 0).
 
-        betas = rescale_zero_terminal_snr(betas)
-    t = torch.expm1(-torch.cumsum(torch.log1p(-betas), 0))
+    ``snr_shift_scale = c`` (CogVideoX: ``abar / (c + (1 - c) abar)``) is ``t -> c t``, applied before the
+    zero-terminal-SNR rescaling, in the order diffusers' CogVideoX schedulers apply them.
+    """
+    t = torch.expm1(-torch.cumsum(torch.log1p(-betas.to(torch.float64)), 0))
+    if snr_shift_scale is not None:
+        t = t * snr_shift_scale
     if rescale_betas_zero_snr:
+        # sqrt(abar) = (1 + t)^(-1/2), shifted to end at 0 and scaled to keep its first value: sqrt(abar) * f
+        r = torch.rsqrt(1 + t)
+        f = (1 - r[-1] / r) * r[0] / (r[0] - r[-1])
+        t = (1 + t) / f**2 - 1  # f_0 = 1: t_0 keeps its precision
         # t_{K-1} = inf: clamp abar_{K-1} to 2^-24 as EulerDiscrete does; where that would not exceed t_{K-2}
         # (linear tables; Euler's table is then non-monotone) extrapolate linearly in ln t instead.
         clamped = (1 - ZERO_SNR_ABAR) / ZERO_SNR_ABAR
@@ -153,12 +159,10 @@ class TimeAxis:
         timestep_type = get("timestep_type", "discrete") or "discrete"
         if timestep_type not in ("discrete", "continuous"):
             raise ValueError(f"`timestep_type` must be 'discrete' or 'continuous'; got {timestep_type!r}.")
-        log_t = log_t_from_betas(betas, bool(get("rescale_betas_zero_snr", False)))
-        snr_shift = get("snr_shift_scale", None)  # CogVideoX: abar / (c + (1 - c) abar), i.e. t -> c t
-        if snr_shift is not None:
-            if not (isinstance(snr_shift, (int, float)) and snr_shift > 0):
-                raise ValueError(f"`snr_shift_scale` must be a number > 0; got {snr_shift!r}.")
-            log_t = log_t + math.log(snr_shift)
+        snr_shift = get("snr_shift_scale", None)  # CogVideoX
+        if snr_shift is not None and not (isinstance(snr_shift, (int, float)) and snr_shift > 0):
+            raise ValueError(f"`snr_shift_scale` must be a number > 0; got {snr_shift!r}.")
+        log_t = log_t_from_betas(betas, bool(get("rescale_betas_zero_snr", False)), snr_shift)
         lo, hi = get("sigma_min", None), get("sigma_max", None)
         if timestep_type == "continuous" and lo and hi:  # EulerDiscrete (SVD): the model's range, not the table's
             log_t = torch.linspace(2 * math.log(lo), 2 * math.log(hi), len(log_t), dtype=torch.float64)

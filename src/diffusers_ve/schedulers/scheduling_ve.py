@@ -589,6 +589,8 @@ def _family_keys(config, kwargs) -> dict:
         out["prediction_type"] = process.FAMILY_PREDICTION_TYPES[family][0]
     if family == "flow" and "sigma_schedule" not in kwargs and get("sigma_schedule") is None:
         out["sigma_schedule"] = "flow"
+    if family == "flow" and get("flow_shift") is not None and "shift" not in kwargs and get("shift") is None:
+        out["shift"] = get("flow_shift")  # DPM-Solver / UniPC flow configs name FlowMatch's shift flow_shift
     if "solver_order" not in kwargs and isinstance(get("solver_order"), int) and get("solver_order") > 2:
         out["solver_order"] = 2  # a DPM-Solver/UniPC order 3: ours is at most 2
     return out
