@@ -1,4 +1,4 @@
-"""Shared Gaussian-mixture fixtures: exact populations in image shape (math.md §7)."""
+"""Shared Gaussian-mixture fixtures: exact populations in image shape (math.md §"Gaussian-mixture ground truth")."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""VEHeunScheduler (math.md §3 b5) against the exact Gaussian-mixture oracle and diffusers' HeunDiscreteScheduler."""
+"""VEHeunScheduler (math.md §"The exponential Heun step") against the exact Gaussian-mixture oracle and diffusers' HeunDiscreteScheduler."""
 
 import math
 

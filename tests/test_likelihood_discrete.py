@@ -1,4 +1,4 @@
-"""Discrete n-level data: bits/dim of known discrete distributions at 256 and 17 levels (math.md §4.4)."""
+"""Discrete n-level data: bits/dim of known discrete distributions at 256 and 17 levels (math.md §"Discrete data and bits per dimension")."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The ELBO (McAllester's VAE expression) against closed-form Gaussian-mixture ground truth (math.md §4.2-4.3)."""
+"""The ELBO (McAllester's VAE expression) against closed-form Gaussian-mixture ground truth (math.md §"The likelihood (ELBO)")."""
 
 import math
 
@@ -27,7 +27,7 @@ def qmc_normal(n, shape, seed=0):
 
 def l_star(mix, y, t_min, t_max, prior, n=4096):
     """``L* = E ln p_tmin(y + sqrt(t_min) eps) - Dprior(y, T)`` per image, by QMC over eps; also
-    ``E ln p_tmin(...) - ln pop(y)`` (the t_min error of §4.2)."""
+    ``E ln p_tmin(...) - ln pop(y)`` (the t_min error, math.md §"The continuous ELBO")."""
     eps = qmc_normal(n, mix.shape)
     out, gap = [], []
     for yi in y.double():

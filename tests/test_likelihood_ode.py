@@ -1,4 +1,4 @@
-"""The probability-flow ODE likelihood against closed-form Gaussian-mixture ground truth (math.md §5)."""
+"""The probability-flow ODE likelihood against closed-form Gaussian-mixture ground truth (math.md §"The probability-flow ODE likelihood")."""
 
 import math
 

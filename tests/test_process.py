@@ -33,7 +33,7 @@ def test_time_axis_is_exact_near_zero():
     axis = TimeAxis.from_config(DDPMScheduler().config)
     beta0 = 1e-4
     assert axis.t_min == pytest.approx(beta0 / (1 - beta0), rel=1e-12)
-    assert axis.t_max == pytest.approx(2.4777e4, rel=1e-4)  # math.md §6
+    assert axis.t_max == pytest.approx(2.4777e4, rel=1e-4)  # math.md §"VP models in VE coordinates"
 
 
 def test_timestep_interpolation_equals_euler_sigma_to_t():

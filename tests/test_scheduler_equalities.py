@@ -1,4 +1,4 @@
-"""lambda = 1 is DDPM, lambda = 0 is DDIM, order 2 is DPM-Solver++ 2M / SDE-DPM-Solver++ (math.md §3, §6).
+"""lambda = 1 is DDPM, lambda = 0 is DDIM, order 2 is DPM-Solver++ 2M / SDE-DPM-Solver++ (math.md §"Summary of equivalences").
 
 Each scheduler is driven by the same exact Gaussian-mixture model and the same noise; the diffusers schedulers
 get their tables recomputed in float64, so the comparison is of the step maths alone.

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -107,11 +108,20 @@ def test_pipeline_saves_loads_samples_and_pushes(tmp_path, run, script, monkeypa
     assert "library_name: diffusers" in card and "reverse noise lambda = 0.5" in card
     assert 'from_pretrained("me/ve-digits")' in card and "| mixed precision | no |" in card  # resolved, not "default"
     assert f"{s['bits_per_dim']:.3f}" in card and "17 quantisation levels" in card and '"method": "elbo"' in card
+    assert "pip install" in card and "portable_scheduler" in card  # an install line, and the no-import option
+    assert "| VP-state schedulers" in card and "scale_model_input" in card and "**no**: blobs" in card
     sweep = np.asarray(Image.open(out / "samples_lambda_sweep.png"))
-    gap = script.ROW_GAP
-    assert gap > 0 and sweep.shape[:2] == (4 * 64 + 3 * gap, 8 * 64)  # 4 lambdas x 8 seeds, 8x8 digits at 64 px
+    gap, label = script.ROW_GAP, script.LABEL_WIDTH
+    # 4 lambdas x 8 seeds, 8x8 digits at 64 px, a label column on the left
+    assert gap > 0 and sweep.shape[:2] == (4 * 64 + 3 * gap, label + 8 * 64 + 7 * gap)
     for row in range(1, 4):  # a white band between lambda rows
         assert (sweep[row * (64 + gap) - gap: row * (64 + gap)] == 255).all()
+    for col in range(1, 8):  # and between the tiles of a row
+        assert (sweep[:, label + col * (64 + gap) - gap: label + col * (64 + gap)] == 255).all()
+    assert (sweep[:64, :label] < 128).any()  # the row's label is written
+    grid = np.asarray(Image.open(out / "samples.png"))  # 4 samples, 2 x 2, tiles apart
+    assert grid.shape[:2] == (2 * 64 + gap, 2 * 64 + gap)
+    assert (grid[64:64 + gap] == 255).all() and (grid[:, 64:64 + gap] == 255).all()
     # the saved folder loads through diffusers and samples
     import diffusers_ve  # noqa: F401  (registers VEScheduler)
     from diffusers import DiffusionPipeline
@@ -317,3 +327,42 @@ def test_uncoordinated_copies_are_refused(tmp_path, run, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # a launcher started 2 copies, but they formed no process group
     with pytest.raises(ValueError, match="launched as 2 processes"):
         run(tmp_path, "--max_train_steps", "1")
+
+
+def _last_checkpoint_loads(out):
+    """The newest checkpoint of ``out`` holds finite weights that load into a UNet."""
+    from diffusers_ve.checkpointing import list_checkpoints
+    from safetensors.torch import load_file
+
+    step = list_checkpoints(str(out))[-1]
+    weights = load_file(out / f"checkpoint-{step}" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    return step
+
+
+DIVERGE = ["--learning_rate", "1e6", "--lr_warmup_steps", "0", "--lr_scheduler", "constant", "--max_train_steps", "30",
+           "--checkpointing_steps", "1", "--max_grad_norm", "0", "--final_eval"]
+
+
+def test_divergence_stops_at_the_first_non_finite_step(tmp_path, run):
+    with pytest.raises(ValueError, match=r"training diverged at step (\d+): the loss is .*--learning_rate.*"
+                                         r"checkpoint-(\d+).*no pipeline, model card or metrics") as e:
+        run(tmp_path, *DIVERGE)
+    bad, last = (int(x) for x in re.search(r"step (\d+).*checkpoint-(\d+)", str(e.value)).groups())
+    log = losses(tmp_path)
+    assert bad == last + 1 == len(log) + 1 and np.isfinite([r["loss"] for r in log]).all()  # the first bad step
+    assert _last_checkpoint_loads(tmp_path) == last
+    assert not any((tmp_path / f).exists() for f in ("model_index.json", "unet", "metrics.json", "README.md"))
+
+
+def test_errors_are_printed_once_under_two_processes(tmp_path):
+    """A divergence under two processes: one `error:` line (the main process's), exit status 2, no traceback of ours
+    (torch's launcher adds its own ChildFailedError report), and nothing saved from the broken weights."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    res = run_group([*accelerate_launch(2), str(SCRIPT), "--output_dir", str(tmp_path), *FAST, *DIVERGE], 240,
+                    env=env, cwd=str(ROOT))
+    lines = [line for line in res.stderr.splitlines() if "error" in line.lower() and "training diverged" in line]
+    assert res.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: training diverged at step"), \
+        res.stderr[-3000:]
+    assert "exitcode  : 2" in res.stderr and "EveryRankError" not in res.stderr and "train_ve.py\", line" not in res.stderr
+    assert not (tmp_path / "model_index.json").exists() and _last_checkpoint_loads(tmp_path) >= 1

@@ -26,7 +26,7 @@ def _vp(prediction_type):
 
 
 def elbo_diffusion_term(mix, y, n_eps=20000, seed=0):
-    """int_{t_min}^{T} E||y - yhat||^2 / (2 t^2) dt per image, from the identity of math.md §4.2 with the
+    """int_{t_min}^{T} E||y - yhat||^2 / (2 t^2) dt per image, from the identity of math.md §"The continuous ELBO" with the
     mixture's exact ln p_t (no denoiser, no process formula): E ln p_T - E ln p_tmin + (d/2) ln(T / t_min)."""
     g = torch.Generator().manual_seed(seed)
     eps = torch.randn((n_eps, *mix.shape), generator=g, dtype=torch.float64)
@@ -220,3 +220,18 @@ def test_output_dir_lock_refuses_a_second_copy(tmp_path):
         with pytest.raises(ValueError, match="another training run"):
             OutputDirLock(str(tmp_path)).acquire()
     OutputDirLock(str(tmp_path)).acquire().release()  # released with its holder
+
+
+def test_ddpm_draw_on_a_continuous_timestep_table():
+    """--loss_weighting ddpm on a zero-SNR, timestep_type="continuous" table (a fine-tune keeps both): t is a table
+    entry and the model timestep is ln(t)/8 (it used to read the integer index as a continuous timestep: t = inf,
+    a NaN loss from step 1)."""
+    cfg = {"num_train_timesteps": 1000, "beta_schedule": "linear", "rescale_betas_zero_snr": True,
+           "timestep_type": "continuous", "prediction_type": "v_prediction"}
+    axis = process.TimeAxis.from_config(cfg)
+    t, tau = Objective.from_config(cfg, "ddpm").sample_t(256, torch.Generator().manual_seed(0))
+    table = torch.exp(axis.log_t)
+    assert torch.isfinite(t).all() and all(bool((table == x).any()) for x in t)
+    assert torch.allclose(tau, torch.log(t) / 8)
+    discrete = Objective(AXIS, "epsilon", "ddpm").sample_t(64, torch.Generator().manual_seed(0))
+    assert torch.equal(discrete[0], AXIS.t(discrete[1])) and torch.equal(discrete[1], discrete[1].round())

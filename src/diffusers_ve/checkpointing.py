@@ -1,4 +1,5 @@
-"""Atomic training checkpoints, the output-folder lock and the Hub upload of ``training/train_ve.py``."""
+"""Atomic training checkpoints, the output-folder lock and the Hub upload of ``training/train_ve.py``; the folder
+that uses them is :class:`diffusers_ve.run_directory.RunDirectory`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from typing import List, Optional
 
 CHECKPOINT_STATE = "train_ve_state.json"  # written last: a checkpoint without it is incomplete
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# the scheduler keys that fix what a timestep means (the time axis) and what the model outputs: part of a
+# checkpoint's fingerprint (see diffusers_ve.run_directory.run_fingerprint)
+TIME_AXIS_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
+                  "rescale_betas_zero_snr", "timestep_type", "prediction_type")
 
 
 def list_checkpoints(output_dir: str) -> List[int]:

@@ -72,6 +72,32 @@ def image_channels(image) -> int:
     return _MODE_CHANNELS[image.mode]
 
 
+def _colour_error(mode: str, c: int, channels: int) -> ChannelMismatchError:
+    return ChannelMismatchError(
+        f"a colour image (mode {mode!r}, {c} channels) does not fit a UNet with in_channels={channels} "
+        "without dropping its colour; use a model with 3 input channels."
+    )
+
+
+def convert_channels(image, channels: Optional[int]):
+    """The channel policy of training and evaluation alike: a PIL ``image`` with ``channels`` channels.
+
+    Grey to RGB replicates the grey level and alpha is dropped (as ``train_unconditional.py`` converts everything to
+    RGB), so a mixed grey/colour folder trains as one; a colour image for a 1- or 2-channel model is a
+    :class:`ChannelMismatchError` (converting would drop the colour). ``channels=None`` keeps the image as stored.
+    """
+    if channels is None:
+        return image
+    c = image_channels(image)
+    if c == channels and image.mode != "P":  # keep the mode (and the levels) as they are
+        return image
+    if image.mode in _COLOUR_MODES and channels < 3:
+        raise _colour_error(image.mode, c, channels)
+    if channels not in _CHANNEL_MODES:
+        raise ValueError(f"`channels` must be one of {sorted(_CHANNEL_MODES)}; got {channels!r}.")
+    return image.convert(_CHANNEL_MODES[channels])
+
+
 class ImageTransform:
     """PIL image -> float32 tensor (C, R, R) in [-1, 1] (``y = 2x/255 - 1``), without torchvision.
 
@@ -80,9 +106,7 @@ class ImageTransform:
 
     Args:
         resolution: output side R.
-        channels: the UNet's ``in_channels`` (1 to 4). An image with another channel count is converted, as
-            ``train_unconditional.py`` converts everything to RGB (grey to RGB replicates, alpha is dropped);
-            a colour image for a 1- or 2-channel UNet is a ValueError (converting would drop the colour).
+        channels: the UNet's ``in_channels`` (1 to 4); other channel counts follow :func:`convert_channels`.
         center_crop: centre crop (else a random crop).
         random_flip: flip left-right with probability 1/2.
         resample: ``"nearest"``, ``"bilinear"``, ``"bicubic"`` or ``"lanczos"``.
@@ -99,17 +123,8 @@ class ImageTransform:
         self.resample = getattr(Image.Resampling, _check_choice("resample", resample, RESAMPLE).upper())
 
     def convert(self, image):
-        """``image`` with ``channels`` channels (a mixed grey/colour folder trains as one); ValueError if that would
-        drop colour."""
-        c = image_channels(image)
-        if c == self.channels and image.mode != "P":  # keep the mode (and the levels) as they are
-            return image
-        if image.mode in _COLOUR_MODES and self.channels < 3:
-            raise ChannelMismatchError(
-                f"a colour image (mode {image.mode!r}, {c} channels) does not fit a UNet with in_channels={self.channels} "
-                "without dropping its colour; use a model with 3 input channels."
-            )
-        return image.convert(_CHANNEL_MODES[self.channels])
+        """``image`` with ``channels`` channels (see :func:`convert_channels`)."""
+        return convert_channels(image, self.channels)
 
     def __call__(self, image, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         image = self.convert(image)
@@ -146,18 +161,182 @@ class TensorFlip:
         return x
 
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_COLUMNS = ("image", "img", "pixel_values", "images")  # looked for, in this order, when no column is named
+
+
+def list_images(folder: str, flag: str = "train_data_dir") -> List[str]:
+    """Image files under ``folder`` (recursive, sorted); ``flag`` names the argument in errors."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"`{flag}` must be an existing folder of images; got {folder!r}.")
+    found = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not found:
+        raise ValueError(f"`{flag}` {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    return found
+
+
+def image_column(column_names, column: Optional[str] = None, flag: str = "image_column") -> str:
+    """The image column of a ``datasets`` split: ``column``, or the first of :data:`IMAGE_COLUMNS` present."""
+    column = column or next((c for c in IMAGE_COLUMNS if c in column_names), None)
+    if column not in column_names:
+        raise ValueError(f"`{flag}` must be one of the data set's columns {list(column_names)}; got {column!r}.")
+    return column
+
+
+class ImageSource:
+    """The one reader of image data for training and ``python -m diffusers_ve.evaluate``: the files of a folder
+    (recursive, sorted by path) or one column of a ``datasets`` split (PIL images, arrays or nested lists).
+
+    ``source[i]`` is a PIL image with the model's channel count (:func:`convert_channels`) or, for array columns,
+    the array as stored (converted through PIL by the same policy when its channel count differs); a bad item is a
+    ValueError naming its file or index.
+
+    Args:
+        items: a list of paths, or a ``datasets`` split (indexed lazily, one row at a time).
+        channels: the model's ``in_channels`` (None: keep images as stored).
+        column: the image column of a ``datasets`` split.
+    """
+
+    def __init__(self, items, channels: Optional[int] = None, column: Optional[str] = None):
+        self.items, self.channels, self.column = items, channels, column
+
+    @classmethod
+    def from_folder(cls, folder: str, channels: Optional[int] = None, flag: str = "train_data_dir") -> "ImageSource":
+        return cls(list_images(folder, flag), channels)
+
+    @classmethod
+    def from_split(cls, split, channels: Optional[int] = None, column: Optional[str] = None,
+                   flag: str = "image_column") -> "ImageSource":
+        return cls(split, channels, image_column(split.column_names, column, flag))
+
+    def __len__(self):
+        return len(self.items)
+
+    def select(self, indices) -> "ImageSource":
+        """The images at ``indices`` (a split's rows are selected lazily)."""
+        if self.column is None:
+            return ImageSource([self.items[int(i)] for i in indices], self.channels)
+        return ImageSource(self.items.select([int(i) for i in indices]), self.channels, self.column)
+
+    def name(self, i: int) -> str:
+        return os.fspath(self.items[int(i)]) if self.column is None else f"image {int(i)}"
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        try:
+            if self.column is not None:
+                item = self.items[int(i)][self.column]
+                if not hasattr(item, "convert"):  # an array: as stored, unless the channel policy must convert it
+                    item = np.asarray(item)
+                    if self.channels is None or to_chw(item).shape[0] == self.channels:
+                        return item
+                    item = to_pil(item)
+                return convert_channels(item, self.channels)
+            with Image.open(self.items[int(i)]) as im:
+                im.load()
+                return convert_channels(im, self.channels)
+        except (ValueError, OSError) as e:  # name the file: one bad image in 50,000 must be findable
+            cls = ChannelMismatchError if isinstance(e, ChannelMismatchError) else ValueError
+            raise cls(f"{self.name(i)}: {e}") from e
+
+
+def image_splits(train_data_dir: Optional[str] = None, dataset_name: Optional[str] = None, channels: Optional[int] = None,
+                 eval_fraction: float = 0.0, max_held: Optional[int] = None, min_held: int = 0,
+                 image_column: Optional[str] = None, **load_dataset_kwargs):
+    """(train, held-out) :class:`ImageSource` of an image folder or a ``datasets`` name, as the training script
+    splits them: a ``datasets`` test (or validation) split is the held-out set, else a fixed random split
+    (:func:`split_indices`, seed 0) holds out ``eval_fraction`` (at least ``min_held``); at most ``max_held`` held out.
+    ``load_dataset_kwargs`` (e.g. ``name``, ``cache_dir``) go to ``datasets.load_dataset``."""
+    if train_data_dir:
+        train = ImageSource.from_folder(train_data_dir, channels)
+    else:
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(dataset_name, **load_dataset_kwargs)
+        except Exception as e:  # noqa: BLE001: the message names the data source
+            raise ValueError(f"`--dataset_name` {dataset_name!r} could not be loaded: {e}") from e
+        if "train" not in ds:
+            raise ValueError(f"`--dataset_name` {dataset_name!r} has no 'train' split (splits: {list(ds)}).")
+        train = ImageSource.from_split(ds["train"], channels, image_column, flag="--image_column")
+        held_split = next((s for s in ("test", "validation") if s in ds), None)
+        if held_split:
+            held = ImageSource.from_split(ds[held_split], channels, train.column)
+            return train, held.select(range(min(len(held), max_held if max_held is not None else len(held))))
+    tr, he = split_indices(len(train), eval_fraction, seed=0, min_held=min_held)
+    return train.select(tr), train.select(he[:max_held])
+
+
+def to_chw(a: np.ndarray) -> torch.Tensor:
+    """(H, W), (H, W, C) or (C, H, W) -> (C, H, W); integer arrays become uint8 levels, floats stay floats."""
+    if a.ndim == 2:
+        a = a[None]
+    elif a.ndim == 3 and a.shape[-1] in (1, 3, 4) and a.shape[0] not in (1, 3, 4):
+        a = a.transpose(2, 0, 1)
+    if np.issubdtype(a.dtype, np.integer) or a.dtype == bool:
+        if a.min() < 0 or a.max() > 255:
+            raise ValueError(f"integer images must hold levels in 0..255; got [{a.min()}, {a.max()}].")
+        return torch.as_tensor(a.astype(np.uint8))
+    return torch.as_tensor(a.astype(np.float32))
+
+
+def to_pil(a: np.ndarray):
+    """An integer array (any layout :func:`to_chw` takes) -> a PIL image, for resizing."""
+    from PIL import Image
+
+    x = to_chw(a)
+    if x.dtype != torch.uint8:
+        raise ValueError("`--resolution` resizes 8-bit images only; these images are floats.")
+    hwc = x.permute(1, 2, 0).numpy()
+    return Image.fromarray(hwc[..., 0] if hwc.shape[-1] == 1 else hwc)
+
+
+class LevelImages:
+    """An :class:`ImageSource` as (C, H, W) tensors: uint8 levels as stored, or resized and cropped by the training
+    script's ``transform`` (levels kept; a random crop is fixed per index). Without a transform every image must have
+    the size of the first one: a mixed-size folder is a ValueError that says to pass a resolution."""
+
+    def __init__(self, source: ImageSource, transform: Optional["ImageTransform"] = None, flag: str = "--resolution"):
+        self.source, self.transform, self.flag, self._size = source, transform, flag, None
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        item = self.source[i]
+        if self.transform is not None:
+            y = self.transform(item if hasattr(item, "convert") else to_pil(item), torch.Generator().manual_seed(int(i)))
+            return torch.round((y + 1) * 127.5).to(torch.uint8)  # the transform keeps 8-bit levels exactly
+        x = to_chw(np.asarray(item))
+        if self._size is None:
+            self._size = tuple((x if int(i) == 0 else to_chw(np.asarray(self.source[0]))).shape[1:])
+        if tuple(x.shape[1:]) != self._size:
+            raise ValueError(check_sizes_message(self.source.name(i), tuple(x.shape[1:]), self.source.name(0),
+                                                 self._size, self.flag))
+        return x
+
+
+def check_sizes_message(name: str, size, first_name: str, first_size, flag: str = "--resolution") -> str:
+    """The one error for images of different sizes (training and evaluation say the same)."""
+    return (f"images of different sizes: {name} is {size[0]}x{size[1]} but {first_name} is "
+            f"{first_size[0]}x{first_size[1]}; pass `{flag}` to resize and crop every image to one square size.")
+
+
 class ImageDataset(torch.utils.data.Dataset):
-    """Images from a list of paths, a ``datasets`` column or a tensor (N, C, R, R), transformed with
+    """Images from an :class:`ImageSource`, a list of paths or a tensor (N, C, R, R), transformed with
     per-(seed, epoch, index) randomness so that crops and flips replay exactly on resume.
 
     Args:
-        images: paths, PIL images (a ``datasets`` column) or a tensor of images.
+        images: an :class:`ImageSource`, paths, PIL images (a ``datasets`` column) or a tensor of images.
         transform: called as ``transform(item, generator)``: an :class:`ImageTransform` for PIL images and
             paths, a :class:`TensorFlip` for tensors.
         seed: the run's seed.
     """
 
     def __init__(self, images, transform: ImageTransform, seed: int = 0):
+        if isinstance(images, (list, tuple)) and images and isinstance(images[0], (str, os.PathLike)):
+            images = ImageSource(list(images))
         self.images, self.transform, self.seed, self.epoch = images, transform, seed, 0
 
     def set_epoch(self, epoch: int):
@@ -166,40 +345,17 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.images)
 
-    def load(self, i: int):
-        from PIL import Image
-
-        item = self.images[int(i)]
-        if isinstance(item, (str, os.PathLike)):
-            with Image.open(item) as im:
-                im.load()
-                return im
-        return item
-
     def __getitem__(self, i):
         g = None
         if getattr(self.transform, "random", True):  # a generator per item costs as much as a small transform
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
+        item = self.images[int(i)]  # an ImageSource names a bad file itself
         try:
-            return self.transform(self.load(i), g)
-        except (ValueError, OSError) as e:  # name the file: one bad image in 50,000 must be findable
-            item = self.images[int(i)]
-            name = os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"image {int(i)}"
+            return self.transform(to_pil(item) if isinstance(item, np.ndarray) else item, g)
+        except (ValueError, OSError) as e:
+            name = self.images.name(i) if isinstance(self.images, ImageSource) else f"image {int(i)}"
             cls = ChannelMismatchError if isinstance(e, ChannelMismatchError) else ValueError
             raise cls(f"{name}: {e}") from e
-
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-def list_images(folder: str) -> List[str]:
-    """Image files under ``folder`` (recursive, sorted)."""
-    if not os.path.isdir(folder):
-        raise ValueError(f"`train_data_dir` must be an existing folder of images; got {folder!r}.")
-    found = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
-    if not found:
-        raise ValueError(f"`train_data_dir` {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-    return found
 
 
 class ShardedEpochSampler(torch.utils.data.Sampler):

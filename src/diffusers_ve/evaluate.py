@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .data import IMAGE_EXTENSIONS, RESAMPLE, ImageTransform
+from .data import RESAMPLE, ImageSource, ImageTransform, LevelImages
 from .pipelines.pipeline_ve_likelihood import VELikelihoodPipeline, format_stderr, mean_bits_per_dim
 
 FIELDS = ("log_likelihood", "bits_per_dim", "stderr", "stderr_bits_per_dim", "nfe")
@@ -34,96 +34,28 @@ LEVEL_CHECK_IMAGES = 64  # images looked at for the level-count warning
 
 
 # ----------------------------------------------------------------------------------------------- data
-class ImageFolder:
-    """Images of a folder (sorted by name) as (C, H, W) uint8 tensors, optionally resized by ``transform``."""
-
-    def __init__(self, root: str, channels: int = 3, transform: Optional[ImageTransform] = None):
-        self.files = sorted(p for p in Path(root).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        self.mode, self.transform = ("L" if channels == 1 else "RGB"), transform
-        if not self.files:
-            raise ValueError(f"`--data` folder {root!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        with Image.open(self.files[i]) as im:
-            im = im.convert(self.mode)
-            return to_chw(np.asarray(im)) if self.transform is None else transformed(self.transform, im, i)
+# image folders and `datasets` columns are read by diffusers_ve.data, as the training script reads them
 
 
-class DatasetColumn:
-    """One column of a ``datasets`` split (PIL images, arrays or nested lists) as (C, H, W) tensors,
-    optionally resized by ``transform`` (8-bit images only)."""
-
-    def __init__(self, ds, column: Optional[str] = None, transform: Optional[ImageTransform] = None):
-        names = ds.column_names
-        column = column or next((c for c in ("image", "img", "pixel_values", "images") if c in names), None)
-        if column not in names:
-            raise ValueError(f"`--image-column` must be one of the data set's columns {names}; got {column!r}.")
-        self.ds, self.column, self.transform = ds, column, transform
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        item = self.ds[int(i)][self.column]
-        if self.transform is None:
-            return to_chw(np.asarray(item))
-        return transformed(self.transform, item if hasattr(item, "convert") else to_pil(np.asarray(item)), i)
-
-
-def to_chw(a: np.ndarray) -> torch.Tensor:
-    """(H, W), (H, W, C) or (C, H, W) -> (C, H, W); integer arrays become uint8 levels, floats stay floats."""
-    if a.ndim == 2:
-        a = a[None]
-    elif a.ndim == 3 and a.shape[-1] in (1, 3, 4) and a.shape[0] not in (1, 3, 4):
-        a = a.transpose(2, 0, 1)
-    if np.issubdtype(a.dtype, np.integer) or a.dtype == bool:
-        if a.min() < 0 or a.max() > 255:
-            raise ValueError(f"integer images must hold levels in 0..255; got [{a.min()}, {a.max()}].")
-        return torch.as_tensor(a.astype(np.uint8))
-    return torch.as_tensor(a.astype(np.float32))
-
-
-def to_pil(a: np.ndarray):
-    """An integer array (any layout :func:`to_chw` takes) -> a PIL image, for resizing."""
-    from PIL import Image
-
-    x = to_chw(a)
-    if x.dtype != torch.uint8:
-        raise ValueError("`--resolution` resizes 8-bit images only; these images are floats.")
-    hwc = x.permute(1, 2, 0).numpy()
-    return Image.fromarray(hwc[..., 0] if hwc.shape[-1] == 1 else hwc)
-
-
-def transformed(transform: ImageTransform, image, index: int) -> torch.Tensor:
-    """``transform`` (the training script's resize and crop) as uint8 levels; a random crop is fixed per index.
-
-    The transform keeps 8-bit levels (``y = 2x/255 - 1``), so rounding back recovers them exactly (a 17-level
-    PNG resized with ``nearest`` still holds levels 0..16).
-    """
-    y = transform(image, torch.Generator().manual_seed(int(index)))
-    return torch.round((y + 1) * 127.5).to(torch.uint8)
-
-
-def open_data(data: str, split: str = "test", column: Optional[str] = None, channels: int = 3,
+def open_data(data: str, split: str = "test", column: Optional[str] = None, channels: Optional[int] = None,
               transform: Optional[ImageTransform] = None):
-    """An image folder, a ``save_to_disk`` folder or a ``datasets`` name -> an indexable image source.
+    """An image folder, a ``save_to_disk`` folder or a ``datasets`` name -> indexable (C, H, W) images.
+
+    The reader is the training script's (:class:`~diffusers_ve.data.ImageSource`): folders are read recursively,
+    the image column is the first of ``image``, ``img``, ``pixel_values``, ``images``, grey images are replicated
+    for a colour model and a colour image for a grey model is an error; without ``transform``, images of different
+    sizes are an error that says to pass ``--resolution``.
 
     Args:
         data: the folder or name.
         split: ``datasets`` split (ignored for a plain image folder).
-        column: the image column (default: the first of ``image``, ``img``, ``pixel_values``, ``images``).
-        channels: the model's ``in_channels`` (image folders are converted to L or RGB).
+        column: the image column (default: the first of :data:`~diffusers_ve.data.IMAGE_COLUMNS` present).
+        channels: the model's ``in_channels`` (None: images as stored).
         transform: an :class:`~diffusers_ve.data.ImageTransform` to resize and crop as the training script did.
     """
     p = Path(data)
-    if p.is_dir() and not (p / "dataset_info.json").exists() and not (p / "state.json").exists() \
-            and not (p / "dataset_dict.json").exists():
-        return ImageFolder(data, channels, transform)
+    if p.is_dir() and not any((p / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        return LevelImages(ImageSource.from_folder(data, channels, flag="--data"), transform)
     import datasets
 
     ds = datasets.load_from_disk(data) if p.is_dir() else datasets.load_dataset(data, split=split)
@@ -131,7 +63,7 @@ def open_data(data: str, split: str = "test", column: Optional[str] = None, chan
         if split not in ds:
             raise ValueError(f"`--split` must be one of {list(ds)}; got {split!r}.")
         ds = ds[split]
-    return DatasetColumn(ds, column, transform)
+    return LevelImages(ImageSource.from_split(ds, channels, column, flag="--image-column"), transform)
 
 
 def check_levels(data, num_levels: Optional[int], n: int) -> Optional[int]:

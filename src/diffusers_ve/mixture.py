@@ -1,7 +1,7 @@
 """An isotropic Gaussian-mixture population: exact denoiser, samples and densities at every ``t``.
 
 It is the ground truth the tests, benchmarks and the demo measure samplers and likelihoods against
-(math.md §7), and :class:`MixtureUNet` wraps its exact denoiser as a ``UNet2DModel``-shaped diffusers model.
+(math.md §"Gaussian-mixture ground truth"), and :class:`MixtureUNet` wraps its exact denoiser as a ``UNet2DModel``-shaped diffusers model.
 All maths in float64.
 """
 

@@ -313,7 +313,7 @@ def pf_ode_drift(z: torch.Tensor, yhat: torch.Tensor, t: TLike) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------- reverse steps
 def step_coefficients(t: float, s: float, reverse_noise: float) -> tuple[float, float]:
-    """Exact-linear reverse step ``t -> s`` (b2): ``A = (s/t)^((1+lambda)/2)``, ``V = s (1 - (s/t)^lambda)``.
+    """Exact-linear reverse step ``t -> s`` (math.md §"The exact step"): ``A = (s/t)^((1+lambda)/2)``, ``V = s (1 - (s/t)^lambda)``.
 
     ``z_s = A z_t + (1 - A) yhat + sqrt(V) noise``. ``s = 0`` gives ``A = V = 0`` (``z_0 = yhat``).
     """
@@ -329,7 +329,8 @@ MAX_STEP_RATIO = 2.0  # 2M extrapolates yhat by h / h_prev: past this ratio the 
 
 
 def multistep_weight(t: float, s: float, t_prev: float, reverse_noise: float) -> float:
-    """Weight on ``yhat - yhat_prev`` in the 2M step (b3, DPM-Solver++ midpoint form); ``t_prev > t > s > 0``.
+    """Weight on ``yhat - yhat_prev`` in the 2M step (math.md §"The second-order multistep step", DPM-Solver++
+    midpoint form); ``t_prev > t > s > 0``.
 
     0 (a first-order step) where the step in ``ln t`` is more than :data:`MAX_STEP_RATIO` times the previous one:
     the extrapolation then amplifies the model's error (FlowMatch's linear grid ends with such a jump; measured on
@@ -342,7 +343,7 @@ def multistep_weight(t: float, s: float, t_prev: float, reverse_noise: float) ->
 
 
 def heun_weight(t: float, s: float, reverse_noise: float) -> float:
-    """Weight on ``yhat(z~, s) - yhat(z, t)`` in the exponential Heun corrector (b5): ``1 - (1 - A) / (c h)``."""
+    """Weight on ``yhat(z~, s) - yhat(z, t)`` in the exponential Heun corrector (math.md §"The exponential Heun step"): ``1 - (1 - A) / (c h)``."""
     if s == 0 or s == t:
         return 0.0
     x = 0.5 * (1 + reverse_noise) * math.log(t / s)  # c h; 1 - A = -expm1(-x)
@@ -488,7 +489,7 @@ def _t_tensor(t) -> torch.Tensor:
 
 
 class ModelFamily:
-    """How one family of diffusers models sits on the VE axis ``z = y + sqrt(t) eps`` (math.md, model families).
+    """How one family of diffusers models sits on the VE axis ``z = y + sqrt(t) eps`` (math.md §"Model families").
 
     A family knows three things and nothing else needs to: the time axis (``t <-> model timestep``), the
     pipeline-visible state ``x = scale(t) z`` (with ``init_noise_sigma`` and the ``scale_model_input`` factor),
@@ -612,7 +613,7 @@ class ModelFamily:
 
     # the exact reverse step in the state ----------------------------------------------------------------------
     def step_coefficients(self, t: float, s: float, reverse_noise: float) -> tuple[float, float, float]:
-        """``x_s = c_x x_t + c_y yhat + c_n noise``: :func:`step_coefficients` written in the state (b2).
+        """``x_s = c_x x_t + c_y yhat + c_n noise``: :func:`step_coefficients` written in the state (math.md §"The exact step").
 
         Stays finite at ``t = inf`` (flow, zero-terminal-SNR): ``A / scale(t) = sigma_s^(1+l) sigma_t^(-l) / noise_std(t)``.
         """
@@ -823,7 +824,7 @@ def stratified_t(t_min: float, t_max: float, u: torch.Tensor, strata: torch.Tens
     """VE times log-uniform on ``[t_min, t_max]``, one per stratum: ``ln t = ln t_min + (j + u) / n * ln(t_max/t_min)``.
 
     ``u`` in [0, 1) and stratum indices ``strata`` (0..n-1) broadcast; float64, on ``u``'s device. With a
-    random permutation of ``range(n)`` as ``strata`` it is the stratified draw of math.md §4.3.
+    random permutation of ``range(n)`` as ``strata`` it is the stratified draw of math.md §"The stratified t draw".
     """
     lo = math.log(t_min)
     return torch.exp(lo + (strata.to(u) + u) / n * (math.log(t_max) - lo))

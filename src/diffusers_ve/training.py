@@ -8,7 +8,7 @@ and the family gives the model's input, timestep and output units. Every loss is
 * ``ddpm``: integer table timesteps, uniform; ``w = 1`` (the eps-MSE of diffusers' ``train_unconditional.py``;
   DDPM tables only).
 * ``likelihood``: ``ln t ~ U[ln t_min, ln t_max]`` (stratified over the batch), ``w = ln(t_max / t_min) / 2``: the
-  expectation is the diffusion term of McAllester's continuous ELBO (math.md §4.2), in nats per dimension.
+  expectation is the diffusion term of McAllester's continuous ELBO (math.md §"Training weights"), in nats per dimension.
 * ``edm``: ``ln sigma ~ N(p_mean, p_std^2)`` truncated to the table, weight ``(t + sd^2) / (t sd^2)`` on
   ``||yhat - y||^2``, i.e. ``w = (t + sd^2) / sd^2`` on the eps-MSE.
 
@@ -80,8 +80,10 @@ class Objective:
         lo, hi = math.log(self.family.t_min), math.log(self.family.t_max)
         u = torch.rand(n, generator=generator, dtype=torch.float64)
         if self.weighting == "ddpm":
-            tau = torch.floor(u * self.family.num_train_timesteps).clamp(max=self.family.num_train_timesteps - 1)
-            return self.family.t(tau), tau
+            axis = self.family.axis  # "ddpm" is for DDPM tables only (checked in __init__)
+            k = torch.floor(u * axis.num_train_timesteps).clamp(max=axis.num_train_timesteps - 1)
+            t = torch.exp(axis.log_t[k.long()])  # the table's t_k (a continuous-timestep axis reads tau otherwise)
+            return t, (axis.timestep(t) if axis.continuous else k)
         if self.weighting == "likelihood":  # stratified: one point per 1/n of [ln t_min, ln t_max], shuffled
             strata = torch.randperm(n, generator=generator)
             log_t = process.stratified_t(self.family.t_min, self.family.t_max, u, strata, n).log()

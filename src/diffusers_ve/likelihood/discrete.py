@@ -1,6 +1,6 @@
 """Discrete n-level data: the level grid, uniform dequantisation, the discretised decoder, nats <-> bits.
 
-Pixels ``x in {0..n-1}`` live in model space as ``y = 2x/(n-1) - 1`` (math.md §4.4): a bin has half-width
+Pixels ``x in {0..n-1}`` live in model space as ``y = 2x/(n-1) - 1`` (math.md §"Discrete data and bits per dimension"): a bin has half-width
 ``delta = 1/(n-1)``, so ``P(x) ~ p(y) (2 delta)^d`` and the offset is ``log2((n-1)/2)`` bits/dim.
 """
 

@@ -1,4 +1,4 @@
-"""McAllester's VAE expression for ``ln p(y)`` in continuous time, estimated without bias (math.md §4.2-4.4).
+"""McAllester's VAE expression for ``ln p(y)`` in continuous time, estimated without bias (math.md §"The likelihood (ELBO)").
 
     L = D(y) - KL(N(y, T I) || prior) - (1/2) int_{ln t_min}^{ln T} E ||eps - epshat(y + sqrt(t) eps, t)||^2 d(ln t)
 
@@ -119,7 +119,7 @@ def elbo_log_likelihood(
 
     ``M = ceil(K/2)`` strata of ``[ln t_min, ln T]``, one jittered ``ln t`` each, evaluated at ``eps`` and at its
     :func:`radial_antithesis` (odd terms and chi-square noise largely cancel); a cross-fitted ``c_v(t)`` control
-    removes most of the variation across strata (math.md §4.3).
+    removes most of the variation across strata (math.md §"The stratified t draw").
 
     Args:
         denoiser: ``yhat(z, t)`` in VE terms (a :class:`~diffusers_ve.denoiser.Denoiser`).

@@ -1,4 +1,4 @@
-"""The probability-flow ODE likelihood (math.md §5), with per-image error control.
+"""The probability-flow ODE likelihood (math.md §"The probability-flow ODE likelihood"), with per-image error control.
 
 In VE time the flow and the log-density change are
 

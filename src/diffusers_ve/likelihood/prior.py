@@ -1,4 +1,4 @@
-"""The prior at ``t_max = T`` is part of the model (math.md §6): Gaussian priors and their two uses.
+"""The prior at ``t_max = T`` is part of the model (math.md §"The prior"): Gaussian priors and their two uses.
 
 * ``"vp"`` (default): ``z ~ N(0, (1+T) I)``, i.e. ``x ~ N(0, I)``, where the VP sampling pipelines start.
 * ``"ve"``: ``z ~ N(0, T I)``.

@@ -1,4 +1,4 @@
-"""``VEHeunScheduler``: the exponential Heun step (math.md §3 b5) for any reverse-noise level lambda."""
+"""``VEHeunScheduler``: the exponential Heun step (math.md §"The exponential Heun step") for any reverse-noise level lambda."""
 
 from __future__ import annotations
 
