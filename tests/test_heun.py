@@ -29,7 +29,8 @@ def _noise(n, shape, seed=0):
 # ------------------------------------------------------------------------------------------- layout
 def test_timesteps_laid_out_as_heun_discrete():
     """Same Karras grid, same [t0, t1, t1, ..., t_{N-1}, t_{N-1}] layout (2N - 1 calls) as diffusers' Heun."""
-    ve, edm = VEHeunScheduler(**SD_TABLE), HeunDiscreteScheduler(use_karras_sigmas=True, **SD_TABLE)
+    t_min = VEHeunScheduler(**SD_TABLE).family.t_min  # the whole table (the default ends above t_min at n <= 4)
+    ve, edm = VEHeunScheduler(t_min=t_min, **SD_TABLE), HeunDiscreteScheduler(use_karras_sigmas=True, **SD_TABLE)
     for n in (2, 6):  # (n = 1: diffusers starts at sigma_min, we at sigma_max)
         ve.set_timesteps(n)
         edm.set_timesteps(n)
@@ -39,9 +40,9 @@ def test_timesteps_laid_out_as_heun_discrete():
 
 def test_final_sigma_min_adds_a_corrector_call_and_null_step_is_one_call():
     sched = VEHeunScheduler(final_sigmas_type="sigma_min")
-    sched.set_timesteps(4)
-    # 3 two-call steps down to t_min, then the null step t_min -> t_min: 7 calls
-    assert len(sched.timesteps) == 7 and float(sched.timesteps[-1]) == pytest.approx(0.0, abs=1e-6)
+    sched.set_timesteps(6)  # (at 6 points the default grid ends at t_min)
+    # 5 two-call steps down to t_min, then the null step t_min -> t_min: 11 calls
+    assert len(sched.timesteps) == 11 and float(sched.timesteps[-1]) == pytest.approx(0.0, abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------- lambda = 0: ODE

@@ -69,7 +69,7 @@ def test_generator_list_gives_per_image_reproducibility():
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
     two = pipe(batch_size=2, num_inference_steps=4, generator=gens([3, 4]), output_type="np").images
     one = pipe(batch_size=1, num_inference_steps=4, generator=gens([4]), output_type="np").images
-    np.testing.assert_allclose(two[1], one[0], atol=1e-6)
+    np.testing.assert_allclose(two[1], one[0], atol=1e-5)  # float32 batch-size rounding
 
 
 def test_ddim_pipeline_swapped_after_construction():

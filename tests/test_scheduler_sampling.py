@@ -87,3 +87,30 @@ def test_reverse_noise_window():
     torch.testing.assert_close(everywhere, full, rtol=0, atol=0)
     part = sample(VEScheduler(reverse_noise=1.0, reverse_noise_window=[0.01, 1.0], **base), 10, n=64)
     assert not torch.allclose(part, ode) and not torch.allclose(part, full)
+
+
+# ------------------------------------------------------------------------------------ one and two calls
+@pytest.mark.parametrize("calls", [1, 2])
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_default_grid_at_one_and_two_calls_stays_in_the_data_range(calls, lam):
+    """1-2 calls give a blurry mean, not saturated noise: on a model fitted to the digits (their ten class means,
+    as a mixture of width 0.3) the samples stay inside the data range and spread less per pixel than the data.
+    DDPM's leading grid, whose one call is at t_min, returns the starting noise (the check can fail)."""
+    from diffusers_ve.data import load_digits_images
+    from diffusers_ve.mixture import digits_mixture
+
+    data = load_digits_images(8)
+    unet = MixtureUNet.from_mixture(digits_mixture(std=0.3))
+
+    def run(sched):
+        sched.set_timesteps(calls)
+        x = torch.randn(512, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        for tau in sched.timesteps:
+            x = sched.step(unet(x, tau).sample, tau, x, generator=torch.Generator().manual_seed(2)).prev_sample
+        return x
+
+    y = run(VEScheduler(reverse_noise=lam))
+    assert y.abs().max() < 1.5 and y.std(0).mean() < data.std(0).mean(), (y.abs().max(), y.std(0).mean())
+    if calls == 1:
+        bad = run(VEScheduler(reverse_noise=lam, sigma_schedule="ddpm"))
+        assert bad.abs().max() > 3

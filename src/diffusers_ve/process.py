@@ -795,6 +795,24 @@ def karras_t(t_min: float, t_max: float, n: int, rho: float = 7.0) -> list[float
     return [(hi + i / (n - 1) * (lo - hi)) ** (2 * rho) for i in range(n)]
 
 
+DEFAULT_T_TOP = 625.0  # sigma = 25: 25x the scale of unit data (pixels in [-1, 1], scaled latents)
+DEFAULT_T_TOP_3 = 40.0  # with 3 points: measured best on the trained digits (benchmarks.md)
+
+
+def default_grid_range(t_min: float, t_max: float, n: int) -> tuple[float, float]:
+    """``(t_lo, t_hi)`` of the default ``n``-point grid inside the table's ``[t_min, t_max]`` (benchmarks.md).
+
+    It starts at ``min(t_max, 625)`` (40 for ``n = 3``): above sigma = 25, yhat of unit-scale data is its mean
+    whatever the draw, so a call there is wasted, and the starting noise ``N(0, 1 + t)`` is already within 4% of
+    the true ``z(t)``. It ends at ``max(t_min, 10^(2 - n))``: with 2-4 calls the last one is better spent at
+    moderate noise, from where the final step returns yhat, than near ``t_min``, where a trained network's yhat
+    is the identity. Measured on the mixture and on trained digits models; see the benchmarks page.
+    """
+    hi = min(t_max, DEFAULT_T_TOP_3 if n == 3 else DEFAULT_T_TOP)
+    lo = max(t_min, 10.0 ** (2 - n))
+    return (lo, hi) if lo < hi else (t_min, t_max)
+
+
 def log_t_grid(t_min: float, t_max: float, n: int) -> list[float]:
     """``n`` decreasing VE times, uniform in ``ln t``."""
     if n == 1:

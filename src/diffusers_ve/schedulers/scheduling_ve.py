@@ -7,7 +7,7 @@ import difflib
 import inspect
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import diffusers
@@ -95,6 +95,7 @@ class VESchedulerBase(SchedulerMixin, ConfigMixin):
         self.t_lo = self.family.t_min if cfg.t_min is None else float(cfg.t_min)
         self.t_hi = self.family.t_max if cfg.t_max is None else float(cfg.t_max)
         self.family.check_range(self.t_lo, self.t_hi, "[`t_min`, `t_max`]")
+        self.calibrated_grids  # validate now
         # what DDPM-family schedulers expose and training code reads (any family: abar = 1 / (1 + t))
         self.alphas_cumprod = self.family.alphas_cumprod.float()
         self.betas = self.family.betas.float()
@@ -123,6 +124,23 @@ class VESchedulerBase(SchedulerMixin, ConfigMixin):
     def window(self):
         """``reverse_noise_window`` as ``(t_lo, t_hi)`` or None, read from the config."""
         return self._check_window(self.config.reverse_noise_window)
+
+    @property
+    def calibrated_grids(self) -> dict:
+        """``{num_inference_steps: [t, ...]}`` from the config key ``calibrated_grids`` (JSON keys are strings)."""
+        grids = self.config.get("calibrated_grids", None) or {}
+        out = {}
+        for key, grid in dict(grids).items():
+            t = np.asarray(grid, dtype=np.float64) if isinstance(grid, (list, tuple)) else np.array([np.nan])
+            if not (str(key).isdigit() and int(key) == len(t) and t.ndim == 1):
+                raise ValueError(
+                    "`calibrated_grids` must map a number of steps n (e.g. \"5\") to a list of n VE times; "
+                    f"got {key!r}: {grid!r}."
+                )
+            _check_decreasing(f"calibrated_grids[{key!r}]", t)
+            self.family.check_inside(t, f"`calibrated_grids[{key!r}]`")
+            out[int(key)] = t.tolist()
+        return out
 
     def _check_window(self, window):
         if window is None:
@@ -230,11 +248,18 @@ class VESchedulerBase(SchedulerMixin, ConfigMixin):
             return t.tolist(), tau
         if not (isinstance(n, (int, np.integer)) and n >= 1):
             raise ValueError(f"`num_inference_steps` must be an integer >= 1; got {n!r}.")
+        if int(n) in self.calibrated_grids:
+            return self.calibrated_grids[int(n)], None
         grid = _grid_name(cfg.sigma_schedule)
-        if grid == "karras":
-            return process.karras_t(self.t_lo, self.t_hi, int(n), cfg.rho), None
-        if grid == "log_t":
-            return process.log_t_grid(self.t_lo, self.t_hi, int(n)), None
+        if grid in ("karras", "log_t"):
+            lo, hi = self.t_lo, self.t_hi
+            if fam.name == "vp":  # DDPM tables: the budget's range (other families keep their reference grids)
+                lo, hi = process.default_grid_range(fam.t_min, fam.t_max, int(n))
+                lo = lo if cfg.t_min is None else self.t_lo  # a t_min / t_max of the config is used as given
+                hi = hi if cfg.t_max is None else self.t_hi
+            if grid == "karras":
+                return process.karras_t(lo, hi, int(n), cfg.rho), None
+            return process.log_t_grid(lo, hi, int(n)), None
         if grid == "flow":
             return fam.t_of_sigma(torch.as_tensor(self._flow_s(int(n), None, mu))).tolist(), None
         tau = process.ddpm_timesteps(cfg.num_train_timesteps, int(n), cfg.timestep_spacing, cfg.steps_offset)
@@ -416,6 +441,8 @@ class VEScheduler(VESchedulerBase):
         final_sigmas_type: ``"zero"`` (last step returns yhat) or ``"sigma_min"`` (stop at the table's ``t_0``; as in
             ``EulerDiscreteScheduler``, a grid that already ends there gets a null step t_0 -> t_0).
         timestep_type: ``"discrete"`` (table index, interpolated in ln t) or ``"continuous"`` (``0.25 ln sigma``).
+        calibrated_grids: ``{"n": [t_1, ..., t_n]}``, grids fitted to the model by :meth:`calibrate`; for those
+            ``num_inference_steps`` they replace ``sigma_schedule``.
         model_family: ``"vp"`` (a DDPM beta table), ``"ve"`` (a native VE score model, ``ScoreSdeVeScheduler``),
             ``"edm"`` (EDM preconditioning) or ``"flow"`` (rectified flow); ``from_config`` reads it from any
             supported diffusers config and refuses the rest by name. See the swap guide's family sections.
@@ -454,6 +481,7 @@ class VEScheduler(VESchedulerBase):
         final_sigmas_type: str = "zero",
         timestep_type: str = "discrete",
         rescale_betas_zero_snr: bool = False,
+        calibrated_grids: Optional[Dict[str, List[float]]] = None,
         model_family: Optional[str] = None,
         sigma_min: Optional[float] = None,
         sigma_max: Optional[float] = None,
@@ -474,6 +502,22 @@ class VEScheduler(VESchedulerBase):
 
     def _reset(self):
         self._history = None  # (t, yhat) of the previous model call, for the 2M step
+
+    def calibrate(self, model, num_inference_steps: int, **kwargs):
+        """Fit the grid of ``num_inference_steps`` points to ``model`` and keep it in the config key
+        ``calibrated_grids`` (so ``save_pretrained`` saves it); ``set_timesteps(num_inference_steps)`` then uses it.
+
+        ``pipe.scheduler.calibrate(pipe.unet, 5)``, then ``pipe(num_inference_steps=5)``. The fit runs a
+        ``teacher_steps``-step ODE solution and at most ``max_evals`` few-step runs on ``num_draws`` starting
+        noises; see :func:`diffusers_ve.calibrate.calibrate_grid` for those arguments. Returns its report.
+        """
+        from ..calibrate import calibrate_grid
+
+        report = calibrate_grid(self, model, num_inference_steps, **kwargs)
+        grids = {str(k): v for k, v in self.calibrated_grids.items()}
+        grids[str(report.num_inference_steps)] = report.t_grid
+        self.register_to_config(calibrated_grids=grids)
+        return report
 
     def step(
         self,
