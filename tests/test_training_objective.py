@@ -233,5 +233,5 @@ def test_ddpm_draw_on_a_continuous_timestep_table():
     table = torch.exp(axis.log_t)
     assert torch.isfinite(t).all() and all(bool((table == x).any()) for x in t)
     assert torch.allclose(tau, torch.log(t) / 8)
-    discrete = Objective(AXIS, "epsilon", "ddpm").sample_t(64, torch.Generator().manual_seed(0))
+    discrete = Objective(_vp("epsilon"), "ddpm").sample_t(64, torch.Generator().manual_seed(0))
     assert torch.equal(discrete[0], AXIS.t(discrete[1])) and torch.equal(discrete[1], discrete[1].round())
