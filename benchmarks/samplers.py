@@ -20,7 +20,7 @@ table's smallest time, denoised once by yhat(z, t_0). The last column is the wal
 ``scale_model_input`` + ``step`` per model call over ``EulerDiscreteScheduler``'s (median of paired rounds on a
 (4, 4, 64, 64) float32 batch, 1 thread). ``--explore`` adds grid variants.
 
-``--family`` puts the same population behind another model family's parametrisation (math.md, model families):
+``--family`` puts the same population behind another model family's parametrisation (math.md §"Model families"):
 ``flow`` (FlowMatchEuler config, shift 3: SD3), ``edm`` (EDMEuler config), ``ve`` (ScoreSdeVe config, sigma_max
 100). Each table compares ours (lambda 0, 0.5, 1; order 2; the family's default grid, karras and log_t) with that
 family's stock diffusers schedulers: FlowMatchEuler and FlowMatchHeun (and FlowMatchEuler's

@@ -43,7 +43,7 @@ logger = logging.getLogger("train_ve")
 # flags left at None take these defaults: the built-in digits preset, or train_unconditional's for image data
 DIGITS_DEFAULTS = dict(model_config="small", resolution=8, train_batch_size=64, learning_rate=2e-3, lr_warmup_steps=100,
                        use_ema=True, ema_max_decay=0.999, save_images_epochs=20, num_levels=ve_data.DIGITS_LEVELS,
-                       eval_fraction=0.1, loss_weighting="likelihood")
+                       eval_fraction=0.1, loss_weighting="ddpm")
 DIGITS_MAX_TRAIN_STEPS = 1500  # the digits' length, only where neither --max_train_steps nor --num_epochs is given
 IMAGE_DEFAULTS = dict(model_config="cifar", resolution=64, train_batch_size=16, num_epochs=100, learning_rate=1e-4,
                       lr_warmup_steps=500, use_ema=False, ema_max_decay=0.9999, save_images_epochs=10,
@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ddpm_beta_schedule", default=None, choices=("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"),
       help="beta schedule (default: linear, or the fine-tuned folder's)")
     a("--loss_weighting", default=None, choices=T.LOSS_WEIGHTINGS, help="noise-level sampling and loss weight "
-      "(docs/guides/training.md; default: digits likelihood, the lowest held-out bits/dim; images ddpm, the eps-MSE "
-      "for every prediction type)")
+      "(docs/guides/training.md; default ddpm, the eps-MSE for every prediction type: on digits likelihood gives "
+      "lower bits/dim but worse samples)")
     a("--sigma_data", type=float, default=0.5, help="EDM's data std (--loss_weighting edm)")
     # optimisation
     a("--train_batch_size", type=int, default=None, help="per process (default: digits 64, images 16)")
