@@ -43,6 +43,7 @@ from diffusers.utils import logging  # noqa: E402
 
 import diffusers_ve  # noqa: E402
 from diffusers_ve.sample_quality import DigitsJudge  # noqa: E402
+from samplers import steps_for_budget  # noqa: E402  (a script's own folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (2, 3, 5, 8, 10, 20, 50)
@@ -83,15 +84,6 @@ def samplers(quick: bool = False) -> Dict[str, Callable[[dict], object]]:
         "EulerAncestral": lambda c: EulerAncestralDiscreteScheduler.from_config(c),
     })
     return out
-
-
-def steps_for_budget(scheduler, budget: int) -> int:
-    """The most inference steps whose schedule needs at most ``budget`` model calls (Heun: 2 per step)."""
-    for n in range(budget, 0, -1):
-        scheduler.set_timesteps(n)
-        if len(scheduler.timesteps) <= budget:
-            return n
-    raise ValueError(f"no schedule fits {budget} model calls")
 
 
 @torch.no_grad()

@@ -484,10 +484,6 @@ def _family_of_class(name: str):
     return next((f for f, names in _FAMILY_CLASSES.items() if name in names), None)
 
 
-def _t_tensor(t) -> torch.Tensor:
-    return _float64(t)
-
-
 class ModelFamily:
     """How one family of diffusers models sits on the VE axis ``z = y + sqrt(t) eps`` (math.md §"Model families").
 
@@ -535,10 +531,10 @@ class ModelFamily:
 
     def sigma(self, t) -> torch.Tensor:
         """The family's own noise level at VE ``t`` (``sqrt(t)``; flow: ``s``), as its schedulers' ``sigmas``."""
-        return _t_tensor(t).sqrt()
+        return _float64(t).sqrt()
 
     def t_of_sigma(self, sigma) -> torch.Tensor:
-        return _t_tensor(sigma) ** 2
+        return _float64(sigma) ** 2
 
     def train_t(self) -> torch.Tensor:
         """VE times of the ``num_train_timesteps`` training levels, increasing (for ``alphas_cumprod``)."""
@@ -660,10 +656,10 @@ class VEScoreFamily(ModelFamily):
         return {**super().config_values(), "sigma_min": math.sqrt(self.t_min), "sigma_max": math.sqrt(self.t_max)}
 
     def t(self, timestep):
-        return _t_tensor(timestep) ** 2
+        return _float64(timestep) ** 2
 
     def timestep(self, t):
-        return _t_tensor(t).sqrt()
+        return _float64(t).sqrt()
 
     def init_noise_sigma(self, t):
         return math.sqrt(t)
@@ -693,10 +689,10 @@ class EDMFamily(ModelFamily):
                 "sigma_data": self.sigma_data}
 
     def t(self, timestep):
-        return torch.exp(8.0 * _t_tensor(timestep))
+        return torch.exp(8.0 * _float64(timestep))
 
     def timestep(self, t):
-        return torch.log(_t_tensor(t)) / 8.0
+        return torch.log(_float64(t)) / 8.0
 
     def input_scale(self, t):
         return 1 / _sqrt(t + self.sigma_data**2)
@@ -735,14 +731,14 @@ class FlowFamily(ModelFamily):
         return math.inf
 
     def sigma(self, t):
-        return 1 / (1 + 1 / _t_tensor(t).sqrt())  # s = sigma / (1 + sigma), exact at t = 0 and t = inf
+        return 1 / (1 + 1 / _float64(t).sqrt())  # s = sigma / (1 + sigma), exact at t = 0 and t = inf
 
     def t_of_sigma(self, s):
-        s = _t_tensor(s)
+        s = _float64(s)
         return (s / (1 - s)) ** 2
 
     def t(self, timestep):
-        return self.t_of_sigma(_t_tensor(timestep) / self.num_train_timesteps)
+        return self.t_of_sigma(_float64(timestep) / self.num_train_timesteps)
 
     def timestep(self, t):
         return self.sigma(t) * self.num_train_timesteps
