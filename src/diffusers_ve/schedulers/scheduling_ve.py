@@ -248,8 +248,9 @@ class VESchedulerBase(SchedulerMixin, ConfigMixin):
             return t.tolist(), tau
         if not (isinstance(n, (int, np.integer)) and n >= 1):
             raise ValueError(f"`num_inference_steps` must be an integer >= 1; got {n!r}.")
-        if int(n) in self.calibrated_grids:
-            return self.calibrated_grids[int(n)], None
+        calibrated = self.calibrated_grids  # validated on every read: read it once
+        if int(n) in calibrated:
+            return calibrated[int(n)], None
         grid = _grid_name(cfg.sigma_schedule)
         if grid in ("karras", "log_t"):
             lo, hi = self.t_lo, self.t_hi
@@ -402,11 +403,13 @@ class VESchedulerBase(SchedulerMixin, ConfigMixin):
         (no float32 round trip), else the family's map."""
         tau = torch.as_tensor(timesteps).reshape(-1)
         t = self.family.t(tau)
-        if self.timesteps is not None:
-            for i, v in enumerate(tau.tolist()):
-                hit = (self.timesteps.cpu().double() - v).abs() <= 1e-6 * max(1.0, abs(v))
-                if bool(hit.any()):
-                    t[i] = self._call_time(int(hit.nonzero()[0]))
+        if self.timesteps is not None:  # one comparison of every timestep with the schedule (a training hot path)
+            ts, v = self.timesteps.cpu().double(), tau.cpu().double()
+            hit = (ts[None, :] - v[:, None]).abs() <= 1e-6 * v.abs().clamp(min=1.0)[:, None]
+            rows = hit.any(1)
+            if bool(rows.any()):
+                grid = torch.tensor([self._call_time(i) for i in range(len(ts))], dtype=torch.float64)
+                t = torch.where(rows.to(t.device), grid[hit.int().argmax(1)].to(t.device), t)  # first hit
         if t.numel() == 1:
             t = t.expand(like.shape[0])
         return t.to(like.device, process.compute_dtype(like))
