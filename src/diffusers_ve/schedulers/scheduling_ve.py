@@ -451,9 +451,10 @@ class VEScheduler(VESchedulerBase):
             supported diffusers config and refuses the rest by name. See the swap guide's family sections.
         sigma_min, sigma_max, sigma_data: the model's range in ``sigma = sqrt(t)`` (VE score, EDM; EulerDiscrete's
             continuous-timestep models) and EDM's data standard deviation, as their diffusers schedulers name them.
-        shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len, max_image_seq_len, shift_terminal,
-            time_shift_type: a flow model's grid, with ``FlowMatchEulerDiscreteScheduler``'s meaning
-            (``sigma_schedule="flow"``); pipelines read them to compute ``mu``.
+        shift, shift_terminal, time_shift_type: a flow model's grid (``sigma_schedule="flow"``), with
+            ``FlowMatchEulerDiscreteScheduler``'s meaning.
+        use_dynamic_shifting, base_shift, max_shift, base_image_seq_len, max_image_seq_len: the resolution-dependent
+            shift, as in ``FlowMatchEulerDiscreteScheduler``; pipelines read them to compute ``mu``.
         snr_shift_scale: CogVideoX's table reshaping, ``t -> snr_shift_scale * t``.
     """
 
