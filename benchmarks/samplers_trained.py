@@ -42,6 +42,7 @@ from diffusers import (  # noqa: E402
 from diffusers.utils import logging  # noqa: E402
 
 import diffusers_ve  # noqa: E402
+from diffusers_ve.calibrate import calibrate_window  # noqa: E402
 from diffusers_ve.sample_quality import DigitsJudge  # noqa: E402
 from samplers import steps_for_budget  # noqa: E402  (a script's own folder is on sys.path)
 
@@ -52,6 +53,8 @@ GRIDS = {"karras": {}, "log_t": {"sigma_schedule": "log_t"}, "trailing": {"sigma
 GOLD = "DDPM 1000 steps (gold)"
 CALIBRATED = "VE calibrated o2 λ=0"
 CALIBRATE_BUDGETS = (2, 3, 5, 8, 10)
+WINDOWED = "VE default λ=1, window calibrated"
+WINDOW_BUDGETS = (5, 10, 20)
 
 
 # --------------------------------------------------------------------------------------------- samplers
@@ -165,6 +168,21 @@ def calibrated(cache, key, cfg, unet, budget, args):
     return sched
 
 
+def windowed(cache, key, cfg, unet, budget, args):
+    """The default ``VEScheduler(reverse_noise=1)`` with its ``reverse_noise_window`` fitted to ``unet`` at
+    ``budget`` calls (cached)."""
+    hit = cache.get(key)
+    sched = diffusers_ve.VEScheduler.from_config(cfg, reverse_noise=1.0)
+    if hit is None:
+        rep = calibrate_window(sched, unet, budget, num_draws=args.window_draws, seed=args.seed + 1)
+        hit = dict(window=rep.window, calls=rep.model_calls, seconds=rep.seconds, draws=args.window_draws,
+                   distance=rep.distance, everywhere=rep.everywhere, nowhere=rep.nowhere)
+        print(f"  window for {budget} calls: {hit}", flush=True)
+        cache.put(key, hit)
+    sched.register_to_config(reverse_noise_window=hit["window"])
+    return sched
+
+
 def fmt(r: Optional[dict], budget) -> str:
     if r is None:
         return ""
@@ -181,7 +199,7 @@ def run(args) -> str:
     floor, floor_sd = judge.floor()
     specs = samplers(args.quick)
     names = [k for k in specs if not args.only or any(w in k for w in args.only)]
-    extra = ([CALIBRATED] if args.calibrate else []) + ([GOLD] if args.gold else [])
+    extra = ([CALIBRATED, WINDOWED] if args.calibrate else []) + ([GOLD] if args.gold else [])
     lines = []
     for kind in args.models:
         folder = ensure_model(Path(args.eps_dir if kind == "eps" else args.v_dir), "epsilon" if kind == "eps" else "v_prediction")
@@ -195,12 +213,15 @@ def run(args) -> str:
             cells = []
             for b in ([None] if name == GOLD else args.budgets):
                 key = f"{folder.name}@{stamp}|{name}|{b}|n={args.n}|seed={args.seed}"
-                if name == CALIBRATED and b not in CALIBRATE_BUDGETS:
+                if b not in {CALIBRATED: CALIBRATE_BUDGETS, WINDOWED: WINDOW_BUDGETS}.get(name, [b]):
                     cells.append("")
                     continue
                 if name == CALIBRATED:
                     ckey = f"{folder.name}@{stamp}|calibration|{b}|draws={args.calibrate_draws}|seed={args.seed}"
                     make = lambda b=b, ckey=ckey: calibrated(cache, ckey, cfg, unet, b, args)  # noqa: E731
+                elif name == WINDOWED:
+                    ckey = f"{folder.name}@{stamp}|window|{b}|draws={args.window_draws}|seed={args.seed}"
+                    make = lambda b=b, ckey=ckey: windowed(cache, ckey, cfg, unet, b, args)  # noqa: E731
                 elif name == GOLD:
                     make = lambda: DDPMScheduler.from_config(cfg, variance_type="fixed_small")  # noqa: E731
                 else:
@@ -224,8 +245,10 @@ def main(argv: Optional[List[str]] = None):
     p.add_argument("--n", type=int, default=2000, help="samples per cell")
     p.add_argument("--budgets", type=int, nargs="+", default=None, help="model-call budgets")
     p.add_argument("--only", nargs="+", default=None, help="samplers whose name contains one of these words")
-    p.add_argument("--calibrate", action="store_true", help=f"add a grid calibrated to each model at {CALIBRATE_BUDGETS} calls")
+    p.add_argument("--calibrate", action="store_true", help=f"add a grid calibrated to each model at {CALIBRATE_BUDGETS} "
+                   f"calls, and the default grid at lambda 1 with its reverse-noise window calibrated at {WINDOW_BUDGETS}")
     p.add_argument("--calibrate-draws", type=int, default=64, help="starting noises of a calibration")
+    p.add_argument("--window-draws", type=int, default=1024, help="samples per set in a window calibration")
     p.add_argument("--gold", action="store_true", help="add DDPM at 1000 steps (1000 model calls per model)")
     p.add_argument("--quick", action="store_true", help="500 samples, budgets 2 5 10 20, fewer samplers")
     p.add_argument("--seed", type=int, default=0)

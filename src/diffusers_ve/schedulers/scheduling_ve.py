@@ -507,20 +507,39 @@ class VEScheduler(VESchedulerBase):
     def _reset(self):
         self._history = None  # (t, yhat) of the previous model call, for the 2M step
 
-    def calibrate(self, model, num_inference_steps: int, **kwargs):
+    def calibrate(self, model, num_inference_steps: int, fit_window: Optional[bool] = None, window_draws: int = 1024,
+                  **kwargs):
         """Fit the grid of ``num_inference_steps`` points to ``model`` and keep it in the config key
         ``calibrated_grids`` (so ``save_pretrained`` saves it); ``set_timesteps(num_inference_steps)`` then uses it.
+        With ``reverse_noise`` > 0 it then fits ``reverse_noise_window`` on that grid and keeps it in the config
+        (one window, in VE time, for every budget: fit it at the budget you sample with).
 
-        ``pipe.scheduler.calibrate(pipe.unet, 5)``, then ``pipe(num_inference_steps=5)``. The fit runs a
+        ``pipe.scheduler.calibrate(pipe.unet, 5)``, then ``pipe(num_inference_steps=5)``. The grid fit runs a
         ``teacher_steps``-step ODE solution and at most ``max_evals`` few-step runs on ``num_draws`` starting
-        noises; see :func:`diffusers_ve.calibrate.calibrate_grid` for those arguments. Returns its report.
-        """
-        from ..calibrate import calibrate_grid
+        noises; see :func:`diffusers_ve.calibrate.calibrate_grid` for those arguments. The window fit
+        (:func:`diffusers_ve.calibrate.calibrate_window`) compares ``window_draws`` samples with a
+        ``teacher_steps``-step sampler at the same lambda, at most 17 few-step runs.
 
+        Args:
+            model: the denoising network, called as ``model(x, timesteps)``.
+            num_inference_steps: the budget (>= 2).
+            fit_window: fit ``reverse_noise_window`` too; default: when ``reverse_noise`` > 0.
+            window_draws: samples per set in the window fit.
+
+        Returns:
+            The grid's :class:`~diffusers_ve.calibrate.CalibrationReport`, with the window's report as ``.window``.
+        """
+        from ..calibrate import calibrate_grid, calibrate_window
+
+        fit_window = self.reverse_noise > 0 if fit_window is None else fit_window
         report = calibrate_grid(self, model, num_inference_steps, **kwargs)
         grids = {str(k): v for k, v in self.calibrated_grids.items()}
         grids[str(report.num_inference_steps)] = report.t_grid
         self.register_to_config(calibrated_grids=grids)
+        if fit_window:
+            kwargs = {k: v for k, v in kwargs.items() if k in ("sample_shape", "teacher_steps", "seed", "device")}
+            report.window = calibrate_window(self, model, num_inference_steps, num_draws=window_draws, **kwargs)
+            self.register_to_config(reverse_noise_window=report.window.window)
         return report
 
     def step(
