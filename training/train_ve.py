@@ -627,7 +627,7 @@ def save_pipeline(run: Run):
 
     if run.acc.is_main_process:
         unet = run.acc.unwrap_model(run.model)
-        with ema_weights(unet, run.ema):
+        with T.ema_weights(unet, run.ema):
             DDPMPipeline(unet=unet, scheduler=run.scheduler).save_pretrained(run.cfg.output_dir)
             save_data_record(run.cfg.output_dir, run.cfg.num_levels, data=data_name(run.cfg))  # bits/dim defaults
     run.acc.wait_for_everyone()
@@ -673,19 +673,6 @@ def write_model_card(cfg, scheduler, s, data_name, hub_repo_id=None):
 
 
 # -------------------------------------------------------------------------------------- evaluation
-@contextlib.contextmanager
-def ema_weights(unet, ema):
-    if ema is None:
-        yield unet
-        return
-    ema.store(unet.parameters())
-    ema.copy_to(unet.parameters())
-    try:
-        yield unet
-    finally:
-        ema.restore(unet.parameters())
-
-
 def tile(images, cols: int, gap: int = ROW_GAP):
     """Equal-size images in rows of ``cols``, ``gap`` white pixels between tiles (so that digits do not touch)."""
     from PIL import Image
@@ -750,7 +737,7 @@ def evaluate(run: Run, tag=""):
     if acc.is_main_process:
         unet = acc.unwrap_model(run.model)
         unet.eval()
-        with torch.no_grad(), ema_weights(unet, run.ema):
+        with torch.no_grad(), T.ema_weights(unet, run.ema):
             result["images"] = sample_grids(unet, run.scheduler, cfg, tag)
             bpd = bits_per_dim(unet, run.scheduler, held, cfg) if held is not None else None
         unet.train()
