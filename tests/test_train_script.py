@@ -111,7 +111,7 @@ def test_pipeline_saves_loads_samples_and_pushes(tmp_path, run, script, monkeypa
     assert "pip install" in card and "portable_scheduler" in card  # an install line, and the no-import option
     assert "| VP-state schedulers" in card and "scale_model_input" in card and "**no**: blobs" in card
     sweep = np.asarray(Image.open(out / "samples_lambda_sweep.png"))
-    gap, label = script.ROW_GAP, script.LABEL_WIDTH
+    gap, label = script.report.ROW_GAP, script.report.LABEL_WIDTH
     # 4 lambdas x 8 seeds, 8x8 digits at 64 px, a label column on the left
     assert gap > 0 and sweep.shape[:2] == (4 * 64 + 3 * gap, label + 8 * 64 + 7 * gap)
     for row in range(1, 4):  # a white band between lambda rows

@@ -6,15 +6,15 @@
 
 The flags follow diffusers' ``examples/unconditional_image_generation/train_unconditional.py``. This script holds
 the flags and the loop; the library holds what a custom loop can reuse: the objective (:mod:`diffusers_ve.training`),
-the data (:mod:`diffusers_ve.data`) and the output folder with its checkpoints, lock and log
-(:mod:`diffusers_ve.run_directory`). Output: a ``DDPMPipeline`` folder with a ``VEScheduler``, sample grids, held-out
-bits/dim and a model card. See docs/guides/training.md.
+the data (:mod:`diffusers_ve.data`), the output folder with its checkpoints, lock and log
+(:mod:`diffusers_ve.run_directory`), the sample grids and model card (:mod:`diffusers_ve.report`). Output: a
+``DDPMPipeline`` folder with a ``VEScheduler``, sample grids, held-out bits/dim and a model card. See
+docs/guides/training.md.
 """
 
 import argparse
 import contextlib
 import dataclasses
-import importlib.metadata
 import json
 import logging
 import math
@@ -29,15 +29,13 @@ import torch
 import diffusers_ve
 from diffusers_ve import checkpointing as ckpt
 from diffusers_ve import data as ve_data
+from diffusers_ve import report
 from diffusers_ve import training as T
 from diffusers_ve.likelihood import mean_bits_per_dim, save_data_record
 from diffusers_ve.run_directory import RunDirectory, run_fingerprint
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 CARD_TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
-LAMBDA_SWEEP = (0.0, 0.5, 1.0, 2.0)
-ROW_GAP = 4  # white pixels between the tiles of a sample grid (and the lambda rows of the sweep)
-LABEL_WIDTH = 44  # the lambda column left of the sweep
 MIN_HELD_OUT = 8  # a split keeps at least this many held-out images (a small folder would round to 0)
 logger = logging.getLogger("train_ve")
 # flags left at None take these defaults: the built-in digits preset, or train_unconditional's for image data
@@ -612,7 +610,9 @@ def finish(run: Run):
     if acc.is_main_process:
         run.out.write_metrics(summary)
         repo = run.out.setup_result
-        write_model_card(cfg, run.scheduler, summary, run.data_name, repo)
+        report.write_model_card(cfg.output_dir, CARD_TEMPLATE, repo, cfg.pretrained_model_name_or_path,
+                                dataset=run.data_name, args=dataclasses.asdict(cfg), summary=summary,
+                                scheduler=dict(run.scheduler.config), lambda_sweep=report.LAMBDA_SWEEP)
         print(one_line_summary(cfg, summary), flush=True)
         if cfg.push_to_hub:
             ckpt.push_folder_to_hub(cfg.output_dir, repo, cfg.hub_private_repo, cfg.hub_token)
@@ -627,7 +627,7 @@ def save_pipeline(run: Run):
 
     if run.acc.is_main_process:
         unet = run.acc.unwrap_model(run.model)
-        with ema_weights(unet, run.ema):
+        with T.ema_weights(unet, run.ema):
             DDPMPipeline(unet=unet, scheduler=run.scheduler).save_pretrained(run.cfg.output_dir)
             save_data_record(run.cfg.output_dir, run.cfg.num_levels, data=data_name(run.cfg))  # bits/dim defaults
     run.acc.wait_for_everyone()
@@ -646,93 +646,7 @@ def one_line_summary(cfg, s):
             f"{s['world_size']}), final loss {loss}, {bpd}; pipeline in {cfg.output_dir}{imgs}")
 
 
-def install_line() -> str:
-    """How a stranger installs diffusers-ve (not on the package index under that name): from the repository URL
-    of the package metadata (``[project.urls] Repository``), else from a clone."""
-    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-        for url in importlib.metadata.metadata("diffusers-ve").get_all("Project-URL") or []:
-            if url.lower().startswith(("repository", "source")):
-                return f'pip install "diffusers-ve @ git+{url.split(",", 1)[1].strip()}"'
-    return "pip install -e .  # in a clone of the diffusers-ve repository"
-
-
-def write_model_card(cfg, scheduler, s, data_name, hub_repo_id=None):
-    """README.md of the output folder; the load snippet names the Hub repo (when pushed) or the folder's path."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    tags = ["diffusers", "unconditional-image-generation", "diffusers-ve", "variance-exploding", "ddpm"]
-    base = {"base_model": cfg.pretrained_model_name_or_path} if cfg.pretrained_model_name_or_path else {}
-    data = ModelCardData(library_name="diffusers", license="apache-2.0", tags=tags,
-                         pipeline_tag="unconditional-image-generation", **base)
-    card = ModelCard.from_template(
-        data, template_path=str(CARD_TEMPLATE), repo_id=hub_repo_id or Path(cfg.output_dir).name,
-        load_id=hub_repo_id or cfg.output_dir, dataset=data_name, args=dataclasses.asdict(cfg),
-        scheduler=dict(scheduler.config), summary=s, lambda_sweep=LAMBDA_SWEEP, version=diffusers_ve.__version__,
-        install=install_line())
-    card.save(os.path.join(cfg.output_dir, "README.md"))
-
-
 # -------------------------------------------------------------------------------------- evaluation
-@contextlib.contextmanager
-def ema_weights(unet, ema):
-    if ema is None:
-        yield unet
-        return
-    ema.store(unet.parameters())
-    ema.copy_to(unet.parameters())
-    try:
-        yield unet
-    finally:
-        ema.restore(unet.parameters())
-
-
-def tile(images, cols: int, gap: int = ROW_GAP):
-    """Equal-size images in rows of ``cols``, ``gap`` white pixels between tiles (so that digits do not touch)."""
-    from PIL import Image
-
-    w, h = images[0].size
-    rows = math.ceil(len(images) / cols)
-    grid = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), "white")
-    for i, im in enumerate(images):
-        grid.paste(im.convert("RGB"), ((i % cols) * (w + gap), (i // cols) * (h + gap)))
-    return grid
-
-
-def labelled_rows(rows, labels, gap: int = ROW_GAP):
-    """Rows of tiles (equal size) stacked with ``gap`` white pixels between them, each row's label on its left."""
-    from PIL import Image, ImageDraw
-
-    w, h = rows[0].size
-    out = Image.new("RGB", (LABEL_WIDTH + w, len(rows) * h + (len(rows) - 1) * gap), "white")
-    draw = ImageDraw.Draw(out)
-    for i, (row, label) in enumerate(zip(rows, labels)):
-        out.paste(row, (LABEL_WIDTH, i * (h + gap)))
-        draw.multiline_text((3, i * (h + gap) + h // 2 - 11), label, fill="black")
-    return out
-
-
-def sample_grids(unet, scheduler, cfg, tag=""):
-    """Sample grid at the saved lambda and the lambda sweep (one labelled row per lambda, the same seed in each
-    column); returns the file names."""
-    from PIL import Image
-
-    pipe = diffusers_ve.VEPipeline(unet=unet, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-
-    def run(lam, n):
-        gens = [torch.Generator().manual_seed(cfg.seed + i) for i in range(n)]
-        imgs = pipe(batch_size=n, generator=gens, num_inference_steps=cfg.num_inference_steps, reverse_noise=lam).images
-        scale = max(1, 64 // cfg.resolution)
-        return [im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST) for im in imgs]
-
-    grid = tile(run(cfg.reverse_noise, cfg.eval_batch_size), math.ceil(math.sqrt(cfg.eval_batch_size)))
-    sweep = labelled_rows([tile(run(lam, 8), 8) for lam in LAMBDA_SWEEP], [f"lambda\n= {lam:g}" for lam in LAMBDA_SWEEP])
-    names = (f"samples{tag}.png", f"samples_lambda_sweep{tag}.png")
-    grid.save(os.path.join(cfg.output_dir, names[0]))
-    sweep.save(os.path.join(cfg.output_dir, names[1]))
-    return names
-
-
 def bits_per_dim(unet, scheduler, images, cfg):
     """Held-out bits/dim (ELBO) through the likelihood pipeline: (mean, standard error over images, protocol)."""
     pipe = diffusers_ve.VELikelihoodPipeline(unet=unet, scheduler=scheduler)
@@ -743,15 +657,16 @@ def bits_per_dim(unet, scheduler, images, cfg):
     return mean, spread, json.loads(json.dumps(out.protocol, default=str))
 
 
-def evaluate(run: Run, tag=""):
+def evaluate(run: Run):
     """Sample grids and held-out bits/dim on the main process (with the EMA weights); logs them. Without
     bits/dim the result says why (``bits_per_dim_skipped``)."""
     acc, cfg, held, result = run.acc, run.cfg, run.held, {}
     if acc.is_main_process:
         unet = acc.unwrap_model(run.model)
         unet.eval()
-        with torch.no_grad(), ema_weights(unet, run.ema):
-            result["images"] = sample_grids(unet, run.scheduler, cfg, tag)
+        with torch.no_grad(), T.ema_weights(unet, run.ema):
+            result["images"] = report.save_sample_grids(unet, run.scheduler, cfg.output_dir, cfg.eval_batch_size,
+                                                        cfg.reverse_noise, cfg.num_inference_steps, cfg.seed)
             bpd = bits_per_dim(unet, run.scheduler, held, cfg) if held is not None else None
         unet.train()
         if bpd is not None:

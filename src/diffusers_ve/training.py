@@ -17,6 +17,7 @@ Data and checkpoint helpers live in :mod:`diffusers_ve.data` and :mod:`diffusers
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -134,6 +135,21 @@ class Objective:
         return self.per_sample_loss(getattr(out, "sample", out), batch).mean()
 
 
+@contextlib.contextmanager
+def ema_weights(model, ema=None):
+    """Within the block ``model`` holds the weights of ``ema`` (a diffusers ``EMAModel``; None: its own), and its
+    training weights again after it, even on an error: sample or save the EMA weights mid-training."""
+    if ema is None:
+        yield model
+        return
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield model
+    finally:
+        ema.restore(model.parameters())
+
+
 def peak_memory_mb(device) -> float:
     """This process's peak memory in MiB: CUDA max allocated on a CUDA ``device``, else the peak resident set
     size (``ru_maxrss``, KiB on Linux). Shared by ``training/train_ve.py`` and ``benchmarks/training.py``."""
@@ -145,4 +161,4 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-__all__ = ["LOSS_WEIGHTINGS", "Objective", "NoisyBatch", "peak_memory_mb"]
+__all__ = ["LOSS_WEIGHTINGS", "Objective", "NoisyBatch", "ema_weights", "peak_memory_mb"]
