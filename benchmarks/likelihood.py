@@ -39,7 +39,7 @@ from scipy.stats import norm, qmc  # noqa: E402
 
 from diffusers_ve.denoiser import Denoiser  # noqa: E402
 from diffusers_ve.likelihood import (  # noqa: E402
-    elbo_log_likelihood, image_generators, make_prior, ode_log_likelihood, prior_log_prob,
+    LikelihoodOptions, elbo_log_likelihood, image_generators, make_prior, ode_log_likelihood, prior_log_prob,
 )
 from diffusers_ve.mixture import MixtureUNet, digits_mixture  # noqa: E402
 
@@ -215,7 +215,7 @@ def main():
 
     for tol in (1e-2, 3e-3, 1e-3, 1e-4, 1e-5):
         est = ode_log_likelihood(den, y, image_generators(0, idx), rtol=tol, atol=tol)
-        tag = " (default)" if tol == 3e-3 else ""
+        tag = " (default)" if tol == LikelihoodOptions().rtol == LikelihoodOptions().atol else ""
         rows.append(row(f"ours ODE, exact trace, tol {tol:g}{tag}", f"{float(est.nfe.double().mean()):.0f}",
                         est.log_likelihood[None], ode_ref(est, vp)[None], ln_pop, d))
     hut = [ode_log_likelihood(den, y, image_generators(s, idx), trace="hutchinson", num_probes=4)

@@ -5,10 +5,14 @@ In VE time the flow and the log-density change are
     dz/dt = (z - yhat(z, t)) / (2t),    d ell/dt = (d - tr grad_z yhat) / (2t),    z(t_min) = y
     ln p_{t_min}(y) = ln p_prior(z(T)) + ell(T)
 
-(:func:`diffusers_ve.process.pf_ode_drift`). They are integrated in ``sigma = sqrt(t)`` by default
-(``variable="sigma"``: solutions are nearly linear at both ends) or in ``ln t`` (``variable="log_t"``).
-Every image (and every dequantisation repeat) carries its own step size and accept/reject decisions, so a
-result does not depend on what else is in the batch; images that finish leave the model batch.
+(:func:`diffusers_ve.process.pf_ode_drift`). They are integrated by default in ``s = asinh(sigma)``
+(``variable="asinh"``, ``sigma = sqrt(t)``): like ``sigma`` below 1, where the solution is nearly linear in
+``sigma``, and like ``ln sigma`` above, where ``ell`` grows as ``d ln sigma``; ``"sigma"`` and ``"log_t"`` are kept.
+A step's error is measured by what it does to the result ``ln p(y)`` per dimension (``error_norm="loglik"``,
+:func:`_loglik_error`), not by a relative tolerance on the accumulated ``ell``, which grows to hundreds of nats
+and let every step lose up to ``rtol * |ell|``. Every image (and every dequantisation repeat) carries its own step
+size and accept/reject decisions, so a result does not depend on what else is in the batch; images that finish
+leave the model batch.
 """
 
 from __future__ import annotations
@@ -25,6 +29,15 @@ from .discrete import dequantization_offset, dequantize
 from .options import LikelihoodOptions
 from .prior import prior_log_prob
 EXACT_TRACE_MAX_DIM = 64  # "auto" takes the exact divergence up to this many dimensions
+ASINH_SCALE = 1.0  # sigma where variable="asinh" turns from sigma-like to ln(sigma)-like: the data's scale in [-1, 1]
+_C2 = ASINH_SCALE**2
+# variable -> (s(t) for a float, t(s) and dt/ds for tensors)
+_VARIABLES = {
+    "asinh": (lambda t: math.asinh(math.sqrt(t) / ASINH_SCALE), lambda s: _C2 * torch.sinh(s) ** 2,
+              lambda s: _C2 * torch.sinh(2 * s)),
+    "sigma": (math.sqrt, torch.square, lambda s: 2 * s),
+    "log_t": (math.log, torch.exp, torch.exp),
+}
 
 # Dormand-Prince 5(4): nodes, stages, 5th-order weights (= last stage, FSAL) and the error weights b5 - b4
 _C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
@@ -67,16 +80,18 @@ def _initial_step(f, u, y, k1, norm, rtol, atol, span):
 
 
 def solve_dopri5(f: Callable, y0: torch.Tensor, u0: float, u1: float, rtol: float, atol: float, split: int,
-                 max_steps: int = 10_000, progress: Optional[Callable] = None):
+                 max_steps: int = 10_000, progress: Optional[Callable] = None, error: Optional[Callable] = None):
     """Adaptive Dormand-Prince 5(4) for a batch of independent ODEs, each with its own step size.
 
     Args:
         f: ``f(u, y, rows)`` with ``u`` (n,), ``y`` (n, D) and the indices ``rows`` (n,) of the rows still
             running -> (n, D).
         y0: (N, D) initial states; u0 < u1: integration range shared by all rows.
-        rtol, atol: tolerances; the error norm is the larger of the RMS over columns ``[:split]`` and
-            ``[split:]`` (the state and the log-density parts, as torchdiffeq's mixed norm).
+        rtol, atol: tolerances of the default error norm (and of the starting step): the larger of the RMS over
+            columns ``[:split]`` and ``[split:]`` (the state and the log-density parts, as torchdiffeq's mixed norm).
         progress: optional ``progress(done, 1.0)``: the share of ``[u0, u1]`` the slowest row has covered.
+        error: optional ``error(u, y, y_new, k1, err) -> (n,)``, a step's error over its tolerance (a step is
+            accepted at <= 1), replacing the default norm; ``k1`` is the derivative at the step's start.
 
     Returns:
         ``(y1, nfe)``: (N, D) states at ``u1`` and (N,) int64 evaluations per row.
@@ -96,7 +111,10 @@ def solve_dopri5(f: Callable, y0: torch.Tensor, u0: float, u1: float, rtol: floa
         hi = torch.minimum(h[i], u1 - u[i])
         y_new, err, k_new = _step(f, u[i], hi, y[i], k1[i], i)
         nfe[i.cpu()] += 6
-        ratio = norm(err / (atol + rtol * torch.maximum(y[i].abs(), y_new.abs())))
+        if error is None:
+            ratio = norm(err / (atol + rtol * torch.maximum(y[i].abs(), y_new.abs())))
+        else:
+            ratio = error(u[i], y[i], y_new, k1[i], err)
         ok = ratio <= 1.0
         factor = (0.9 * ratio.clamp(min=1e-10) ** -0.2).clamp(0.2, 10.0)
         h[i] = hi * torch.where(ok, factor, factor.clamp(max=1.0))
@@ -179,7 +197,8 @@ def ode_log_likelihood(denoiser, y: torch.Tensor, generators: Sequence[torch.Gen
             fields by name. The ones used here: ``t_min``/``t_max`` (default: the table's ends), ``prior``
             (``ln p_prior(z(T))`` closes the integral), ``rtol``/``atol`` (per image), ``solver``
             (``"dopri5"`` adaptive, or ``"fixed"``: ``num_steps`` equal steps in ``ln t``, 6 calls each),
-            ``variable`` (``"sigma"``: ``t = s^2``, or ``"log_t"``), ``trace`` (``"exact"``: d backward passes
+            ``error_norm`` (``"loglik"`` or ``"state"``), ``variable`` (``"asinh"``: ``sigma = sinh(s)``,
+            ``"sigma"``: ``t = s^2``, or ``"log_t"``), ``trace`` (``"exact"``: d backward passes
             per call; ``"hutchinson"``: ``num_probes`` Rademacher probes fixed along the path, their spread is
             the standard error; ``"auto"``: exact up to 64 dimensions), ``num_levels`` (uniform dequantisation
             ``y + delta u`` and ``+ d ln(2 delta)``) and ``num_dequant`` (repeats per image, each its own solve).
@@ -202,9 +221,8 @@ def ode_log_likelihood(denoiser, y: torch.Tensor, generators: Sequence[torch.Gen
     p = 1 if exact else opts.num_probes
 
     yy, v_all = _starts_and_probes(y, gens, num_levels, reps, None if exact else p)
-    # s is the integration variable: t = s^2 (dt/ds = 2s) or t = e^s (dt/ds = t)
-    to_s, to_t, dt_ds = (math.sqrt, torch.square, lambda s: 2 * s) if variable == "sigma" else \
-        (math.log, torch.exp, torch.exp)
+    # s is the integration variable (_VARIABLES: sigma = sinh(s), t = s^2 or t = e^s)
+    to_s, to_t, dt_ds = _VARIABLES[variable]
 
     def f(s, state, rows):  # d/ds of (z, ell) = (dt/ds) * (dz/dt, d ell/dt)
         z = state[:, :d].reshape(-1, *shape)
@@ -215,7 +233,9 @@ def ode_log_likelihood(denoiser, y: torch.Tensor, generators: Sequence[torch.Gen
 
     y0 = torch.cat([yy.reshape(b * reps, d), torch.zeros(b * reps, p, dtype=torch.float64, device=dev)], 1)
     if solver == "dopri5":
-        y1, nfe = solve_dopri5(f, y0, to_s(lo), to_s(hi), float(rtol), float(atol), d, progress=progress)
+        error = _loglik_error(d, dt_ds, float(rtol), float(atol)) if opts.error_norm == "loglik" else None
+        y1, nfe = solve_dopri5(f, y0, to_s(lo), to_s(hi), float(rtol), float(atol), d, progress=progress,
+                               error=error)
     else:
         # equal steps in ln t, whatever the variable
         y1, nfe = solve_fixed(f, y0, [to_s(t) for t in reversed(process.log_t_grid(lo, hi, num_steps + 1))])
@@ -225,11 +245,27 @@ def ode_log_likelihood(denoiser, y: torch.Tensor, generators: Sequence[torch.Gen
         logp = logp + dequantization_offset(num_levels, d)
     extras = {"latent": latent[:, 0].cpu(), "delta_logp": delta.cpu()}
     protocol = {"solver": solver, "variable": variable,
-                **({"rtol": rtol, "atol": atol} if solver == "dopri5" else {"num_steps": num_steps}),
+                **({"rtol": rtol, "atol": atol, "error_norm": opts.error_norm} if solver == "dopri5"
+                   else {"num_steps": num_steps}),
                 "trace": "exact" if exact else f"hutchinson (Rademacher, {p} probes)",
                 **({"num_dequant": reps} if num_levels is not None else {})}
     return Estimate(logp.mean((1, 2)).cpu(), _stderr(logp, exact and num_levels is None).cpu(), nfe.reshape(b, reps).sum(1), extras,
                     protocol)
+
+
+def _loglik_error(d: int, dt_ds: Callable, rtol: float, atol: float) -> Callable:
+    """``error`` for :func:`solve_dopri5`: what a step's error does to the result ``ln p(y)``, in nats per dimension,
+    over ``atol + rtol * |the step's change of ell| / d``.
+
+    An error ``dz`` in the state at time t moves the result by ``grad ln p_t(z) . dz`` (the rest of the path is the
+    flow from the moved point), and ``grad ln p_t(z) = (yhat - z) / t = -2 dz/dt`` is known from the step's first
+    stage. With the log-density error ``dl`` (mean over probes) the two are combined as a root sum of squares.
+    """
+    def error(u, y, y_new, k1, err):
+        score = -2 * k1[:, :d] / dt_ds(u)[:, None]
+        e = torch.hypot(err[:, d:].mean(1), (score * err[:, :d]).sum(1)) / d
+        return e / (atol + rtol * (y_new[:, d:] - y[:, d:]).mean(1).abs() / d)
+    return error
 
 
 def _starts_and_probes(y, gens, num_levels, reps: int, probes: Optional[int]):

@@ -18,7 +18,8 @@ DEQUANTIZATIONS = ("decoder", "uniform")
 DECODERS = ("levels", "bins")  # N(yhat, t_min) normalised over the level points, or integrated over the bins
 TRACES = ("auto", "exact", "hutchinson")
 SOLVERS = ("dopri5", "fixed")
-VARIABLES = ("sigma", "log_t")  # ODE integration variable s: t = s^2 or t = e^s
+VARIABLES = ("asinh", "sigma", "log_t")  # ODE integration variable s: sigma = sinh(s), t = s^2 or t = e^s
+ERROR_NORMS = ("loglik", "state")  # ODE step error: its effect on ln p per dimension, or the state's mixed norm
 
 
 def _opt(default, help: str, **kw):
@@ -47,11 +48,14 @@ class LikelihoodOptions:
     num_decoder_samples: int = _opt(8, "ELBO with the decoder: z(t_min) draws (model calls) per image")
     control_variate: bool = _opt(True, "ELBO: cross-fitted control variate", cli=False)
     batch_size: int = _opt(256, "ELBO: model batch (memory only; values do not depend on it)", cli=False)
-    rtol: float = _opt(3e-3, "ODE: relative tolerance (per image)")
-    atol: float = _opt(3e-3, "ODE: absolute tolerance (per image)")
+    rtol: float = _opt(1e-3, "ODE: relative tolerance per step (per image; loglik: of the step's change of ln p)")
+    atol: float = _opt(1e-3, "ODE: absolute tolerance per step (per image; loglik: nats per dimension)")
+    error_norm: str = _opt("loglik", "ODE: a step's error measured as its effect on ln p per dimension (loglik) "
+                                     "or as the RMS of the state and of ln p (state, the old norm)")
     solver: str = _opt("dopri5", "ODE: dopri5 (adaptive) or fixed (num_steps equal steps in ln t)")
     num_steps: int = _opt(16, "ODE: steps of the fixed solver")
-    variable: str = _opt("sigma", "ODE: integration variable, sigma (t = s^2) or log_t")
+    variable: str = _opt("asinh", "ODE: integration variable, asinh (sigma = sinh(s), sigma-like below 1, "
+                                  "ln sigma-like above), sigma (t = s^2) or log_t")
     trace: str = _opt("auto", "ODE divergence: exact, hutchinson, or auto (exact up to d = 64)")
     num_probes: int = _opt(4, "ODE: Hutchinson probes per image (their spread is the standard error)")
     num_dequant: int = _opt(1, "ODE: uniform dequantisation repeats per image")
@@ -83,6 +87,7 @@ class LikelihoodOptions:
         _choice("trace", self.trace, TRACES)
         _choice("solver", self.solver, SOLVERS)
         _choice("variable", self.variable, VARIABLES)
+        _choice("error_norm", self.error_norm, ERROR_NORMS)
         for name in ("num_t_samples", "num_decoder_samples", "batch_size", "num_steps", "num_probes", "num_dequant"):
             check_positive_int(getattr(self, name), name)
         for name in ("rtol", "atol"):
