@@ -256,7 +256,8 @@ def _option_flags(p: argparse.ArgumentParser) -> None:
     from .likelihood import options as lo
 
     choices = {"method": ("elbo", "ode"), "prior": ("vp", "ve"), "dequantization": lo.DEQUANTIZATIONS,
-               "decoder": lo.DECODERS, "trace": lo.TRACES, "solver": lo.SOLVERS, "variable": lo.VARIABLES}
+               "decoder": lo.DECODERS, "trace": lo.TRACES, "solver": lo.SOLVERS, "variable": lo.VARIABLES,
+               "error_norm": lo.ERROR_NORMS}
     for f in LikelihoodOptions().cli_fields():
         flag, kw = "--" + f.name.replace("_", "-"), dict(default=f.default, help=f.metadata["help"])
         if f.name == "num_levels":
