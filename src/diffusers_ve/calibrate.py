@@ -159,7 +159,8 @@ class WindowReport:
 
 def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """Energy distance between two sample sets (rows flattened): 2 E|a-b| - E|a-a'| - E|b-b'|, the within-set
-    terms without their zero diagonal (unbiased). Zero exactly when the two laws agree."""
+    terms without their zero diagonal, so that the estimate is unbiased; its expectation is 0 exactly when the two
+    laws agree."""
     a, b = a.flatten(1).double(), b.flatten(1).double()
     within = lambda u: torch.cdist(u, u).sum() / (len(u) * (len(u) - 1))  # noqa: E731
     return float(2 * torch.cdist(a, b).mean() - within(a) - within(b))
@@ -219,8 +220,8 @@ def calibrate_window(
     student = cls.from_config(_config(scheduler, reverse_noise_window=None))
     student.set_timesteps(n)
     grid = [float(v) for v in student._t_grid[:n]]
-    top = float(student.family.t_max) if math.isfinite(student.family.t_max) else 10 * grid[0]
-    edges, scores = _window_edges(grid, max(top, 10 * grid[0]), max_edges), {}
+    t_max = float(student.family.t_max)  # the top edge is above every grid, of this budget or another
+    edges, scores = _window_edges(grid, max(t_max if math.isfinite(t_max) else 0.0, 10 * grid[0]), max_edges), {}
 
     def score(lo, hi):
         if (lo, hi) not in scores:
