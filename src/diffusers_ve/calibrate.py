@@ -70,6 +70,14 @@ def _logits_from_grid(grid: Sequence[float], log_lo: float, log_hi: float) -> np
     return np.log(np.clip(gaps, 1e-3 * (log_hi - log_lo), None))
 
 
+def _budget(num_inference_steps) -> int:
+    """A fit's budget, checked: one point is the grid's top alone, nothing to fit."""
+    n = int(num_inference_steps)
+    if n < 2:
+        raise ValueError(f"`num_inference_steps` must be an integer >= 2 to calibrate (1 point is t_max); got {num_inference_steps!r}.")
+    return n
+
+
 def _draws(model, sample_shape, num_draws, seed, device, **counts) -> torch.Tensor:
     """The starting noises of a fit, after checking its integer arguments."""
     for name, v in dict(num_draws=num_draws, **counts).items():
@@ -118,9 +126,7 @@ def calibrate_grid(
     """
     from scipy.optimize import minimize
 
-    n = int(num_inference_steps)
-    if n < 2:
-        raise ValueError(f"`num_inference_steps` must be an integer >= 2 to calibrate (1 point is t_max); got {num_inference_steps!r}.")
+    n = _budget(num_inference_steps)
     x = _draws(model, sample_shape, num_draws, seed, device, teacher_steps=teacher_steps, max_evals=max_evals)
     t0, counter, cls = time.time(), _Counter(model), type(scheduler)
     base = _config(scheduler, calibrated_grids=None, reverse_noise=0.0)
@@ -208,9 +214,7 @@ def calibrate_window(
         seed: seed of the starting noises and of the reverse noise; the result is deterministic for a seed.
         device: where the draws live (default: the model's device).
     """
-    n = int(num_inference_steps)
-    if n < 2:
-        raise ValueError(f"`num_inference_steps` must be an integer >= 2 to calibrate a window; got {num_inference_steps!r}.")
+    n = _budget(num_inference_steps)
     if not scheduler.reverse_noise > 0:
         raise ValueError(f"a `reverse_noise_window` is fitted for `reverse_noise` > 0; this scheduler has {scheduler.reverse_noise!r}.")
     x = _draws(model, sample_shape, num_draws, seed, device, teacher_steps=teacher_steps, max_edges=max_edges)
